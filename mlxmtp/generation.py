@@ -1,0 +1,165 @@
+"""The public generation API: text in, text out, with the statistics every surface reports.
+
+``stream_generate`` drives speculative.decode and applies the stop conditions token by token, so EOS, stop strings,
+max_tokens and the context length take effect in the middle of a round: nothing after them is emitted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .sampling import SamplingParams
+from .speculative import RoundStats, decode
+from .tuning import DepthPolicy, measure_costs
+
+AUTO_MAX_DEPTH = 4
+# Auto drafting stops early when the drafter's top probability falls below this.
+AUTO_MIN_DRAFT_PROB = 0.1
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    generated_tokens: int = 0
+    decode_tokens_per_s: float = 0.0
+    target_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
+    acceptance_by_depth: list = field(default_factory=list)
+    peak_memory_gb: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list
+    stats: GenerationStats
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens) or "context" (context full)
+
+
+@dataclass
+class GenerationIncrement:
+    text: str
+    tokens: list
+    stats: GenerationStats
+    finish_reason: Optional[str] = None
+
+
+def _validate_draft_tokens(draft_tokens):
+    if draft_tokens == "auto":
+        return draft_tokens
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be 'auto' or an integer >= 0, got {draft_tokens!r}")
+    return draft_tokens
+
+
+def context_length(model) -> Optional[int]:
+    return getattr(model.args, "max_position_embeddings", None)
+
+
+def encode_prompt(tokenizer, prompt: Union[str, Sequence[int]]) -> list[int]:
+    return list(prompt) if not isinstance(prompt, str) else list(tokenizer.encode(prompt))
+
+
+def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
+                    draft_tokens="auto", mtp: bool = True, stop: Sequence[str] = (),
+                    policy: Optional[DepthPolicy] = None) -> Iterator[GenerationIncrement]:
+    """Yield increments (new text, new token ids, running stats) as tokens are accepted.
+
+    draft_tokens: "auto" (depth chosen per round from measured costs and acceptance), or k >= 0 (0 = plain decoding
+    through the same code path). mtp=False is plain decoding. The last increment has ``finish_reason`` set.
+    """
+    params = SamplingParams(temperature, top_p, top_k)
+    draft_tokens = _validate_draft_tokens(draft_tokens) if mtp else 0
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    ctx = context_length(model)
+    if ctx is not None and len(ids) >= ctx:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
+    if draft_tokens == "auto" and model.num_mtp_modules:
+        policy = policy or DepthPolicy(measure_costs(model, AUTO_MAX_DEPTH + 1), AUTO_MAX_DEPTH)
+    elif draft_tokens == "auto":
+        draft_tokens = 0
+
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    detok = tokenizer.detokenizer
+    detok.reset()
+    stats, rounds = GenerationStats(prompt_tokens=len(ids)), RoundStats()
+    mx.reset_peak_memory()
+    hold = max((len(s) for s in stop), default=1) - 1  # characters held back while a stop string may be forming
+    text, sent, out_tokens = "", 0, []
+    t_start = time.perf_counter()
+    t_first = None
+    finish = None
+    steps = decode(model, ids, params, draft_tokens=draft_tokens, policy=policy, seed=seed, stats=rounds,
+                   min_draft_prob=AUTO_MIN_DRAFT_PROB if draft_tokens == "auto" else 0.0)
+    for new in steps:
+        if t_first is None:
+            t_first = time.perf_counter()
+        emitted = []
+        for tok in new:
+            if tok in eos:
+                finish = "stop"
+                break
+            emitted.append(tok)
+            detok.add_token(tok)
+            if len(out_tokens) + len(emitted) >= max_tokens:
+                finish = "length"
+                break
+            if ctx is not None and len(ids) + len(out_tokens) + len(emitted) >= ctx:
+                finish = "context"
+                break
+        out_tokens.extend(emitted)
+        if finish is not None:
+            detok.finalize()
+        text = detok.text
+        for s in stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        end = len(text) if finish is not None else max(sent, len(text) - hold)
+        _fill_stats(stats, rounds, out_tokens, t_start, t_first)
+        piece, sent = text[sent:end], end
+        if piece or emitted or finish:
+            yield GenerationIncrement(piece, emitted, stats, finish)
+        if finish is not None:
+            steps.close()
+            return
+
+
+def _fill_stats(stats: GenerationStats, rounds: RoundStats, tokens: list, t_start: float, t_first: float) -> None:
+    now = time.perf_counter()
+    stats.prefill_tokens_per_s = stats.prompt_tokens / max(t_first - t_start, 1e-9)
+    stats.generated_tokens = len(tokens)
+    decode_time = now - t_first
+    stats.decode_tokens_per_s = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else 0.0
+    stats.target_forwards = rounds.target_forwards
+    stats.drafted, stats.accepted = rounds.drafted, rounds.accepted
+    stats.acceptance_rate = rounds.accepted / rounds.drafted if rounds.drafted else 0.0
+    stats.mean_accepted_length = 1 + rounds.accepted / rounds.target_forwards if rounds.target_forwards else 0.0
+    stats.acceptance_by_depth = [a / d for a, d in zip(rounds.accepted_by_depth, rounds.drafted_by_depth)]
+    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+
+
+def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:
+    """Generate to completion; same arguments as stream_generate."""
+    text, tokens, stats, finish = [], [], None, None
+    for inc in stream_generate(model, tokenizer, prompt, **kwargs):
+        text.append(inc.text)
+        tokens.extend(inc.tokens)
+        stats, finish = inc.stats, inc.finish_reason
+    return GenerationResult("".join(text), tokens, stats, finish)

@@ -1,0 +1,166 @@
+"""The draft-and-accept loop: the model drafts with its own MTP modules, one trunk pass verifies, exact acceptance.
+
+Positions. Tokens t[0..P] are committed; the trunk cache holds positions 0..P-1 (t[P], the last emitted token, is fed
+by the next trunk pass). MTP module j (depth j+1) at row i combines an input hidden state (the trunk's at i for
+j = 0, module j-1's output at i otherwise) with the embedding of t[i+j+1] and predicts t[i+j+2]; its row P-1 gives
+draft d[j+1] = t[P+j+1]. Rows whose token is not committed yet (i > P-j-1) are speculative: they are computed for
+drafting and rolled back at once, then recomputed with the true tokens in the next round. Asking for more drafts
+than there are modules continues with the last module recursively (row P, P+1, ...; its own output as hidden),
+which is how single-module families draft k > 1 (vLLM's and SGLang's convention).
+
+Each round: draft k tokens -> verify [t[P], d1..dk] in one trunk pass -> accept (sampling.accept_drafts) -> roll the
+trunk caches back past the accepted prefix -> hand the accepted positions' hidden states to the drafter, which
+folds them into its next call (no separate pass to extend the MTP caches).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import rollback
+from .sampling import SamplingParams, accept_drafts, sample
+
+PREFILL_CHUNK = 512
+
+
+class MTPDrafter:
+    """Drafts with a model's MTP modules; keeps every module's cache exactly at its committed rows."""
+
+    def __init__(self, model, min_draft_prob: float = 0.0):
+        self.model = model
+        self.caches = model.make_mtp_cache()
+        self.n = model.num_mtp_modules
+        self.frontier = [0] * self.n  # first row not yet in module j's cache
+        # inputs[j]: hidden states feeding module j at rows frontier[j] .. (module j-1's frontier) - 1
+        # (for j = 0: the trunk's hidden states at rows frontier[0] .. P-1)
+        self.inputs: list[Optional[mx.array]] = [None] * self.n
+        self.min_draft_prob = min_draft_prob
+
+    def extend(self, hidden: mx.array) -> None:
+        """Trunk hidden states [1, m, H] of newly committed positions."""
+        self.inputs[0] = hidden if self.inputs[0] is None else mx.concatenate([self.inputs[0], hidden], axis=1)
+
+    def draft(self, tokens: list[int], k: int, params: SamplingParams, rng) -> tuple[list[int], Optional[np.ndarray]]:
+        """Up to k drafts after tokens[-1] (= t[P]) and the distributions q they were drawn from ([k', V], None when
+        greedy). Drafting stops early when the drafter's top probability falls below min_draft_prob."""
+        P = len(tokens) - 1
+        drafts, qs, ran = [], [], []  # ran: (first row, input hidden, output hidden) of each module run
+        prev_out = None
+        for depth in range(k):
+            j = min(depth, self.n - 1)
+            if depth < self.n:
+                f = self.frontier[j]
+                h = self.inputs[j] if j == 0 else (
+                    prev_out if self.inputs[j] is None else mx.concatenate([self.inputs[j], prev_out], axis=1))
+                toks = [tokens[i + j + 1] if i + j + 1 <= P else drafts[i + j - P] for i in range(f, P)]
+            else:  # recursion with the last module at rows P, P+1, ...: its own output as hidden
+                h, toks = prev_out[:, -1:], [drafts[-1]]
+            out, logits = self.model.mtp_forward(j, h, mx.array([toks]), self.caches[j])
+            if depth < self.n:
+                ran.append((f, h, out))
+            prev_out = out
+            last = logits[0, -1:]
+            if depth > 0 and self.min_draft_prob > 0 and mx.softmax(last, axis=-1).max().item() < self.min_draft_prob:
+                break
+            dist = params.distribution(last)[0]
+            drafts.append(int(dist.argmax()) if params.greedy else sample(dist, rng))
+            qs.append(dist)
+        self._commit(P, ran)
+        return drafts, (None if params.greedy or not qs else np.stack(qs))
+
+    def _commit(self, P: int, ran: list) -> None:
+        """Keep each module's cache at its committed rows (those whose token t[i+j+1] is committed, i < P - j);
+        roll back the speculative rows, which the next round recomputes from committed tokens."""
+        for j, (f, h, out) in enumerate(ran):
+            new_f = max(f, P - j)
+            rollback([self.caches[j]], self.caches[j].offset - new_f)
+            self.frontier[j] = new_f
+            if j == 0:
+                self.inputs[0] = None
+            else:  # module j-1's committed output rows not yet consumed: [new_f, P - j + 1)
+                end = max(new_f, P - j + 1) - f
+                self.inputs[j] = h[:, new_f - f : end] if end > new_f - f else None
+        m = len(ran)
+        if 0 < m < self.n:  # module m did not run: module m-1's newly committed outputs wait for it
+            f, _, out = ran[m - 1]
+            end = max(f, P - m + 1) - f
+            if end > 0:
+                nxt = self.inputs[m]
+                self.inputs[m] = out[:, :end] if nxt is None else mx.concatenate([nxt, out[:, :end]], axis=1)
+
+
+@dataclass
+class RoundStats:
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    drafted_by_depth: list = field(default_factory=list)
+    accepted_by_depth: list = field(default_factory=list)
+
+    def record(self, n_drafted: int, n_accepted: int) -> None:
+        self.target_forwards += 1
+        self.drafted += n_drafted
+        self.accepted += n_accepted
+        while len(self.drafted_by_depth) < n_drafted:
+            self.drafted_by_depth.append(0)
+            self.accepted_by_depth.append(0)
+        for d in range(n_drafted):
+            self.drafted_by_depth[d] += 1
+            self.accepted_by_depth[d] += d < n_accepted
+
+
+def _trunk(model, tokens: list[int], cache, want_hidden: bool):
+    pre, post = model.trunk(mx.array([tokens]), cache)
+    logits = model.lm_head(post)
+    return logits, (model.select_hidden(pre, post) if want_hidden else None)
+
+
+def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, policy=None, seed=None,
+           stats: Optional[RoundStats] = None, min_draft_prob: float = 0.0, drafter=None) -> Iterator[list[int]]:
+    """Yield the generated tokens, a list per trunk pass (the prefill's first token, then each round's accepted
+    drafts plus the correction or bonus token). Runs until the caller stops iterating.
+
+    draft_tokens: an int k (0 = plain decoding) or "auto" with ``policy`` (tuning.DepthPolicy) choosing k per round.
+    drafter: anything with MTPDrafter's ``extend`` and ``draft`` (default: an MTPDrafter over the model's modules).
+    """
+    prompt = [int(t) for t in prompt]
+    rng = np.random.default_rng(seed)
+    stats = stats if stats is not None else RoundStats()
+    use_mtp = (drafter is not None or model.num_mtp_modules > 0) and (draft_tokens == "auto" or draft_tokens > 0)
+    if use_mtp and drafter is None:
+        drafter = MTPDrafter(model, min_draft_prob)
+    cache = model.make_cache()
+
+    # Prefill in chunks; the drafter receives every prompt position's hidden state.
+    for s in range(0, len(prompt), PREFILL_CHUNK):
+        logits, hidden = _trunk(model, prompt[s : s + PREFILL_CHUNK], cache, use_mtp)
+        if use_mtp:
+            drafter.extend(hidden)
+        mx.eval(logits, hidden if use_mtp else logits)
+    tokens = list(prompt)
+    p = params.distribution(logits[0, -1:])[0]
+    first = int(p.argmax()) if params.greedy else sample(p, rng)
+    tokens.append(first)
+    yield [first]
+
+    while True:
+        k = policy.choose() if draft_tokens == "auto" else (draft_tokens if use_mtp else 0)
+        t0 = time.perf_counter()
+        drafts, q = drafter.draft(tokens, k, params, rng) if k > 0 else ([], None)
+        logits, hidden = _trunk(model, [tokens[-1]] + drafts, cache, use_mtp)
+        p = params.distribution(logits[0])
+        n_acc, nxt = accept_drafts(drafts, q, p, rng, params.greedy)
+        rollback(cache, len(drafts) - n_acc)
+        if use_mtp:
+            drafter.extend(hidden[:, : n_acc + 1])
+        stats.record(len(drafts), n_acc)
+        if policy is not None:
+            policy.observe(len(drafts), n_acc, time.perf_counter() - t0)
+        new = drafts[:n_acc] + [nxt]
+        tokens.extend(new)
+        yield new

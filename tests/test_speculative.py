@@ -1,0 +1,255 @@
+"""The draft-and-accept engine: greedy equality, self-draft acceptance, exact sampling distribution, rollback at
+every rejection position, stop conditions. Float32 throughout."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+import mlxmtp.speculative as spec
+from mlxmtp import generation, load_tokenizer
+from mlxmtp.sampling import SamplingParams
+from mlxmtp.speculative import RoundStats, decode
+from tests.hf_layout import write_tokenizer
+from tests.toy_model import SelfDraft, ToyModel
+
+GREEDY = SamplingParams()
+
+
+def take(gen, n):
+    out = []
+    for new in gen:
+        out.extend(new)
+        if len(out) >= n:
+            gen.close()
+            return out[:n]
+    return out
+
+
+def prompts(vocab, n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, vocab, size=int(rng.integers(4, 12)))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer(d)
+    return load_tokenizer(d)
+
+
+@pytest.mark.parametrize("num_mtp", [1, 3])
+def test_greedy_equality_toy(num_mtp):
+    model = ToyModel(vocab=32, num_mtp=num_mtp, seed=1)
+    for p in prompts(32):
+        plain = take(decode(model, p, GREEDY, draft_tokens=0), 24)
+        for k in (1, 2, 3, 4):
+            assert take(decode(model, p, GREEDY, draft_tokens=k), 24) == plain, (p, k)
+
+
+@pytest.mark.parametrize("num_mtp,k", [(1, 1), (1, 3), (1, 4), (3, 2), (3, 3), (3, 5)])
+def test_self_draft_accepts_everything(num_mtp, k):
+    target = ToyModel(vocab=32, num_mtp=0, seed=2)
+    for p in prompts(32, n=5):
+        model = SelfDraft(target, p, num_mtp=num_mtp)
+        st = RoundStats()
+        got = take(decode(model, p, GREEDY, draft_tokens=k, stats=st), 1 + 6 * (k + 1))
+        assert got == take(decode(target, p, GREEDY), len(got))
+        assert st.drafted == st.accepted == 6 * k
+        assert 1 + st.accepted / st.target_forwards == k + 1
+
+
+class OracleDrafter:
+    """Drafts the true greedy continuation for the first `right` positions, then a wrong token: rejection at
+    position `right` of every round (k = right means all accepted)."""
+
+    def __init__(self, truth, vocab, right):
+        self.truth, self.vocab, self.right = truth, vocab, right
+
+    def extend(self, hidden):
+        pass
+
+    def draft(self, tokens, k, params, rng):
+        n = len(tokens)
+        out = []
+        for d in range(k):
+            t = self.truth[n + d] if n + d < len(self.truth) else 0
+            out.append(t if d < self.right else (t + 1) % self.vocab)
+        return out, None
+
+
+def check_rollback_every_position(model, vocab, prompt, k=4, n_tokens=20):
+    """Rejection at each position 0..k of every round leaves the output equal to plain greedy decoding."""
+    plain = take(decode(model, prompt, GREEDY), n_tokens + k + 2)
+    truth = list(prompt) + plain
+    for right in range(k + 1):
+        drafter = OracleDrafter(truth, vocab, right)
+        st = RoundStats()
+        got = take(decode(model, prompt, GREEDY, draft_tokens=k, drafter=drafter, stats=st), n_tokens)
+        assert got == plain[:n_tokens], f"rejection at position {right}"
+        assert st.accepted == right * st.target_forwards
+
+
+def test_rollback_every_position_toy():
+    check_rollback_every_position(ToyModel(vocab=32, num_mtp=0, seed=3), 32, [1, 2, 3, 4, 5])
+
+
+def test_draft_logits_match_full_recompute():
+    """At k = 1 every MTP call ends on a committed row: its logits equal the module run from scratch over the
+    final sequence (checks that the MTP cache is extended over exactly the accepted positions)."""
+    model = ToyModel(vocab=32, num_mtp=1, seed=4)
+    seen = []
+    orig = model.mtp_forward
+
+    def spy(j, hidden, tokens, cache=None):
+        out, logits = orig(j, hidden, tokens, cache)
+        seen.append((cache.offset, logits[0, -1]))
+        return out, logits
+
+    model.mtp_forward = spy
+    prompt = [3, 1, 4, 1, 5]
+    toks = list(prompt) + take(decode(model, prompt, GREEDY, draft_tokens=1), 30)
+    del model.mtp_forward
+    pre, post = model.trunk(mx.array([toks]))
+    _, ref = model.mtp_forward(0, model.select_hidden(pre, post)[:, :-1], mx.array([toks[1:]]))
+    assert len(seen) >= 15
+    for off, logits in seen:
+        np.testing.assert_allclose(np.array(logits), np.array(ref[0, off - 1]), atol=1e-5)
+
+
+def exact_joint(model, prompt, params, n=3):
+    """Exact probability of each n-token continuation under the target's final distributions."""
+    V = model.args.vocab_size
+    probs = {}
+    for seq in itertools.product(range(V), repeat=n):
+        logits = model(mx.array([list(prompt) + list(seq[:-1])]))[0, len(prompt) - 1:]
+        p = params.distribution(logits)
+        probs[seq] = float(np.prod([p[i, t] for i, t in enumerate(seq)]))
+    return probs
+
+
+def sampled_counts(model, prompt, params, k, runs, n=3):
+    counts = {}
+    for seed in range(runs):
+        seq = tuple(take(decode(model, prompt, params, draft_tokens=k, seed=seed), n))
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
+def chi_square_p(counts, probs, runs):
+    impossible = sum(n for c, n in counts.items() if probs[c] == 0)
+    assert impossible == 0, "sampled a sequence the target gives probability 0 (top-k / top-p violated)"
+    cells = sorted((c for c in probs if probs[c] > 0), key=probs.get, reverse=True)
+    expected = np.array([probs[c] * runs for c in cells])
+    observed = np.array([counts.get(c, 0) for c in cells], dtype=float)
+    # pool cells with small expectations into one (chi-square validity)
+    small = expected < 5
+    exp, obs = expected[~small], observed[~small]
+    if small.any():
+        exp, obs = np.append(exp, expected[small].sum()), np.append(obs, observed[small].sum())
+    return sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+@pytest.fixture(scope="module")
+def sampling_model():
+    # vocabulary of 4 and unit-scale logits: target and drafter distributions overlap but differ
+    return ToyModel(vocab=4, num_mtp=1, seed=5, scale=3.0)
+
+
+@pytest.mark.parametrize("params,k", [(SamplingParams(1.0), 2), (SamplingParams(0.8, top_p=0.9, top_k=3), 3)])
+def test_sampling_distribution_is_exact(sampling_model, params, k):
+    prompt = [0, 1, 2, 3]
+    probs = exact_joint(sampling_model, prompt, params)
+    runs = 2000
+    counts = sampled_counts(sampling_model, prompt, params, k, runs)
+    st = RoundStats()
+    take(decode(sampling_model, prompt, params, draft_tokens=k, seed=0, stats=st), 50)
+    assert 0 < st.accepted < st.drafted  # both branches of the rule are exercised
+    assert chi_square_p(counts, probs, runs) > 1e-3
+
+
+def test_chi_square_detects_broken_acceptance(sampling_model, monkeypatch):
+    params = SamplingParams(1.0)
+
+    def accept_while_equal_to_argmax(drafts, q, p, rng, greedy):  # a plausible but wrong rule
+        for i, d in enumerate(drafts):
+            if d != int(p[i].argmax()):
+                return i, spec.sample(p[i], rng)
+        return len(drafts), spec.sample(p[len(drafts)], rng)
+
+    monkeypatch.setattr(spec, "accept_drafts", accept_while_equal_to_argmax)
+    prompt = [0, 1, 2, 3]
+    probs = exact_joint(sampling_model, prompt, params)
+    counts = sampled_counts(sampling_model, prompt, params, 2, 2000)
+    assert chi_square_p(counts, probs, 2000) < 1e-6
+
+
+def test_seeded_runs_reproducible(sampling_model):
+    params = SamplingParams(1.0)
+    a = take(decode(sampling_model, [0, 1], params, draft_tokens=2, seed=7), 30)
+    b = take(decode(sampling_model, [0, 1], params, draft_tokens=2, seed=7), 30)
+    assert a == b
+
+
+def test_max_tokens_exact_and_eos_inside_accepted_run(tokenizer):
+    target = ToyModel(vocab=32, num_mtp=0, seed=6)
+    prompt = [5, 6, 7, 8]
+    model = SelfDraft(target, prompt, num_mtp=1)
+    for n in (1, 2, 5, 7, 11):
+        res = generation.generate(model, tokenizer, prompt, max_tokens=n, draft_tokens=4)
+        assert len(res.tokens) == n and res.finish_reason == "length"
+        assert res.stats.generated_tokens == n
+    plain = generation.generate(target, tokenizer, prompt, max_tokens=12, draft_tokens=0).tokens
+    eos = plain[6]
+    first = plain.index(eos)
+    tokenizer_eos = tokenizer.eos_token_ids
+    try:
+        tokenizer.eos_token_ids = {eos}
+        res = generation.generate(model, tokenizer, prompt, max_tokens=12, draft_tokens=4)
+    finally:
+        tokenizer.eos_token_ids = tokenizer_eos
+    assert res.tokens == plain[:first] and res.finish_reason == "stop"
+    assert res.stats.accepted >= first - 1  # the EOS came in the middle of an accepted run
+
+
+def test_stop_string_cuts_mid_round(tokenizer):
+    target = ToyModel(vocab=120, num_mtp=0, seed=8)
+    prompt = [65, 66, 67, 68]
+    model = SelfDraft(target, prompt, num_mtp=1)
+    full = generation.generate(target, tokenizer, prompt, max_tokens=10, draft_tokens=0)
+    stop = full.text[3:5]
+    res = generation.generate(model, tokenizer, prompt, max_tokens=10, draft_tokens=4, stop=[stop])
+    assert res.text == full.text[: full.text.find(stop)] and res.finish_reason == "stop"
+    streamed = "".join(i.text for i in generation.stream_generate(model, tokenizer, prompt, max_tokens=10,
+                                                                   draft_tokens=4, stop=[stop]))
+    assert streamed == res.text
+
+
+def test_auto_matches_plain_and_reports_stats(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr("mlxmtp.tuning.CACHE_FILE", tmp_path / "costs.json")
+    model = ToyModel(vocab=32, num_mtp=1, seed=9)
+    for p in prompts(32, n=5):
+        plain = generation.generate(model, tokenizer, p, max_tokens=20, draft_tokens=0)
+        auto = generation.generate(model, tokenizer, p, max_tokens=20, draft_tokens="auto")
+        assert auto.tokens == plain.tokens
+    d = auto.stats.to_dict()
+    for key in ("prompt_tokens", "prefill_tokens_per_s", "generated_tokens", "decode_tokens_per_s",
+                "target_forwards", "drafted", "accepted", "acceptance_rate", "mean_accepted_length",
+                "acceptance_by_depth", "peak_memory_gb"):
+        assert key in d
+    assert (tmp_path / "costs.json").exists()
+
+
+def test_bad_arguments(tokenizer):
+    model = ToyModel(vocab=32)
+    for kwargs in ({"draft_tokens": -1}, {"draft_tokens": "many"}, {"temperature": -1.0}, {"top_p": 0.0},
+                   {"max_tokens": 0}):
+        with pytest.raises(ValueError):
+            generation.generate(model, tokenizer, [1, 2], **kwargs)
+    model.args.max_position_embeddings = 8
+    with pytest.raises(ValueError, match="context"):
+        generation.generate(model, tokenizer, list(range(10)))
