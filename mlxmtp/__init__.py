@@ -10,6 +10,13 @@ from .loading import load, load_model, load_tokenizer  # noqa: E402
 __version__ = "0.1.0"
 
 
+def demo_model_path():
+    """The bundled demo checkpoint (a small DeepSeek-V3-architecture model with a trained MTP head)."""
+    from pathlib import Path
+
+    return Path(__file__).parent / "demo_model"
+
+
 def generate(*args, **kwargs):
     """See mlxmtp.generation.generate."""
     from .generation import generate as _generate
@@ -24,5 +31,5 @@ def stream_generate(*args, **kwargs):
     return _stream(*args, **kwargs)
 
 
-__all__ = ["load", "load_model", "load_tokenizer", "generate", "stream_generate", "MLXMTPError", "CheckpointError",
+__all__ = ["demo_model_path", "load", "load_model", "load_tokenizer", "generate", "stream_generate", "MLXMTPError", "CheckpointError",
            "UnsupportedModelError", "__version__"]

@@ -18,13 +18,17 @@ OPENBLAS_CANDIDATES = (
 )
 
 _loaded: str | None = None
+_too_late = False
 
 
 def preload_openblas() -> str | None:
     """Load OpenBLAS globally if this is Linux, it is installed, it is wanted, and mlx.core is not imported yet."""
-    global _loaded
-    if _loaded or sys.platform != "linux" or os.environ.get("MLXMTP_NO_OPENBLAS") or "mlx.core" in sys.modules:
+    global _loaded, _too_late
+    if _loaded or sys.platform != "linux" or os.environ.get("MLXMTP_NO_OPENBLAS"):
         return _loaded
+    if "mlx.core" in sys.modules:
+        _too_late = True
+        return None
     for path in OPENBLAS_CANDIDATES:
         if os.path.exists(path):
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -39,5 +43,10 @@ def blas_in_use() -> str:
         return "Accelerate (macOS)"
     if _loaded:
         return f"OpenBLAS ({_loaded})"
-    why = "MLXMTP_NO_OPENBLAS set" if os.environ.get("MLXMTP_NO_OPENBLAS") else "system OpenBLAS not found"
+    if os.environ.get("MLXMTP_NO_OPENBLAS"):
+        why = "MLXMTP_NO_OPENBLAS set"
+    elif _too_late:
+        why = "mlx.core was imported before mlxmtp"
+    else:
+        why = "system OpenBLAS not found: apt-get install libopenblas0-pthread"
     return f"reference BLAS bundled with mlx ({why})"

@@ -60,7 +60,7 @@ class MTPDrafter:
                 toks = [tokens[i + j + 1] if i + j + 1 <= P else drafts[i + j - P] for i in range(f, P)]
             else:  # recursion with the last module at rows P, P+1, ...: its own output as hidden
                 h, toks = prev_out[:, -1:], [drafts[-1]]
-            out, logits = self.model.mtp_forward(j, h, mx.array([toks]), self.caches[j])
+            out, logits = self._run(j, h, toks)
             if depth < self.n:
                 ran.append((f, h, out))
             prev_out = out
@@ -72,6 +72,17 @@ class MTPDrafter:
             qs.append(dist)
         self._commit(P, ran)
         return drafts, (None if params.greedy or not qs else np.stack(qs))
+
+    def _run(self, j: int, h: mx.array, toks: list[int]):
+        """Module j over the given rows; after a long prompt the leading (committed) rows go in chunks."""
+        outs = []
+        while len(toks) > PREFILL_CHUNK:
+            out, _ = self.model.mtp_forward(j, h[:, :PREFILL_CHUNK], mx.array([toks[:PREFILL_CHUNK]]), self.caches[j])
+            mx.eval(out)
+            outs.append(out)
+            h, toks = h[:, PREFILL_CHUNK:], toks[PREFILL_CHUNK:]
+        out, logits = self.model.mtp_forward(j, h, mx.array([toks]), self.caches[j])
+        return (mx.concatenate(outs + [out], axis=1) if outs else out), logits
 
     def _commit(self, P: int, ran: list) -> None:
         """Keep each module's cache at its committed rows (those whose token t[i+j+1] is committed, i < P - j);

@@ -253,3 +253,15 @@ def test_bad_arguments(tokenizer):
     model.args.max_position_embeddings = 8
     with pytest.raises(ValueError, match="context"):
         generation.generate(model, tokenizer, list(range(10)))
+
+
+def test_chunked_prefill_keeps_drafts_exact(monkeypatch):
+    """A prompt longer than the prefill chunk: trunk and MTP modules are filled in chunks, drafts stay exact."""
+    monkeypatch.setattr(spec, "PREFILL_CHUNK", 7)
+    target = ToyModel(vocab=32, num_mtp=0, seed=10)
+    prompt = [i % 32 for i in range(40)]
+    plain = take(decode(target, prompt, GREEDY), 20)
+    for num_mtp in (1, 3):
+        st = RoundStats()
+        got = take(decode(SelfDraft(target, prompt, num_mtp=num_mtp), prompt, GREEDY, draft_tokens=3, stats=st), 20)
+        assert got == plain and st.accepted == st.drafted
