@@ -16,6 +16,8 @@ FAMILIES = {
     "qwen3_next": "qwen3_next",
     "qwen3_5": "qwen3_5",
     "qwen3_5_moe": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",  # text-only checkpoints saved by transformers
+    "qwen3_5_moe_text": "qwen3_5",
     "mimo": "mimo",
     "mimo_v2_flash": "mimo_v2_flash",
     "step3p5": "step3p5",
