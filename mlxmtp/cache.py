@@ -106,7 +106,8 @@ class SlidingWindowCache:
         # The next query, at position offset - n, needs every key from offset - n - window + 1 on. (Checking this
         # rather than n <= room also refuses repeated rollbacks that add up to more than the room kept.)
         if self.start > max(0, self.offset - n - self.window + 1):
-            raise ValueError(f"sliding-window cache keeps room for {self.room} rolled-back positions, not {n}")
+            raise ValueError(f"sliding-window cache cannot roll back {n} more positions: it keeps {self.room} "
+                             "beyond its window since its last update")
         self.offset -= n
 
     @property

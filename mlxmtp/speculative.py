@@ -160,7 +160,7 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     yield [first]
 
     while True:
-        k = policy.choose() if draft_tokens == "auto" else (draft_tokens if use_mtp else 0)
+        k = 0 if not use_mtp else (policy.choose() if draft_tokens == "auto" else draft_tokens)
         t0 = time.perf_counter()
         drafts, q = drafter.draft(tokens, k, params, rng) if k > 0 else ([], None)
         logits, hidden = _trunk(model, [tokens[-1]] + drafts, cache, use_mtp)
