@@ -24,6 +24,8 @@ from typing import Iterable
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import CheckpointError
+
 
 @dataclass
 class BaseArgs:
@@ -101,12 +103,19 @@ def rename_prefix(weights: dict, old: str, new: str) -> dict:
 def stack_experts(weights: dict, prefix: str, n_experts: int, projs=("gate_proj", "up_proj", "down_proj"),
                   dst: str = "switch_mlp") -> None:
     """Per-expert tensors ``{prefix}.experts.{e}.{proj}.weight`` -> ``{prefix}.{dst}.{proj}.weight`` [E, out, in]
-    (the layout of mlx-lm's SwitchGLU). Leaves the weights untouched when the experts are absent."""
+    (the layout of mlx-lm's SwitchGLU). Leaves the weights untouched when the experts are absent; an incomplete
+    or misshaped set is a CheckpointError that names the tensor."""
     for proj in projs:
-        key = f"{prefix}.experts.0.{proj}.weight"
-        if key not in weights:
+        names = [f"{prefix}.experts.{e}.{proj}.weight" for e in range(n_experts)]
+        if not any(n in weights for n in names):
             continue
-        if any(f"{prefix}.experts.{e}.{proj}.weight" not in weights for e in range(n_experts)):
-            continue  # an incomplete set stays as it is; strict loading names what is missing
-        parts = [weights.pop(f"{prefix}.experts.{e}.{proj}.weight") for e in range(n_experts)]
-        weights[f"{prefix}.{dst}.{proj}.weight"] = mx.stack(parts)
+        missing = [n for n in names if n not in weights]
+        if missing:
+            raise CheckpointError(f"missing tensor {missing[0]!r} ({len(missing)} of {n_experts} experts absent)")
+        shapes = [tuple(weights[n].shape) for n in names]
+        common = max(set(shapes), key=shapes.count)
+        odd = next((i for i, s in enumerate(shapes) if s != common), None)
+        if odd is not None:
+            raise CheckpointError(f"tensor {names[odd]!r} has shape {shapes[odd]}, expected {common} "
+                                  "(as the other experts)")
+        weights[f"{prefix}.{dst}.{proj}.weight"] = mx.stack([weights.pop(n) for n in names])

@@ -157,7 +157,9 @@ def sigmoid_group_topk(gate_logits: mx.array, bias: mx.array, top_k: int, n_grou
         drop = n_group - topk_group
         if drop > 0:
             low = mx.argpartition(group_scores, kth=drop - 1, axis=-2)[..., :drop, :]
-            grouped = mx.put_along_axis(grouped, mx.stop_gradient(low), mx.array(0.0), axis=-2)
+            # masked groups score -inf (DeepSeek's inference/model.py and HF; mlx-lm uses 0.0, which differs when
+            # bias-corrected scores are negative)
+            grouped = mx.put_along_axis(grouped, mx.stop_gradient(low), mx.array(-mx.inf), axis=-2)
         corrected = grouped.reshape(*corrected.shape)
     inds = mx.stop_gradient(mx.argpartition(-corrected, kth=top_k - 1, axis=-1)[..., :top_k])
     weights = mx.take_along_axis(scores, inds, axis=-1)
