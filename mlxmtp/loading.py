@@ -140,7 +140,8 @@ def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None):
             del weights[k]
         model.mtp = []
     elif declared and not mtp_names:
-        warning = f"{path.name}: checkpoint has no MTP weights; running without MTP (plain decoding)"
+        if config.get("mlxmtp", {}).get("mtp_modules") != 0:  # not left out on purpose by `convert --no-mtp`
+            warning = f"{path.name}: checkpoint has no MTP weights; running without MTP (plain decoding)"
         model.mtp = []
     elif model.no_mtp_reason and not mtp_names:
         warning = f"{path.name}: {model.no_mtp_reason}"

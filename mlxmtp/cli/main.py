@@ -47,6 +47,19 @@ class Group(click.Group):
             sys.exit(130)
 
 
+    def main(self, *args, **kwargs):
+        """click's own usage errors (unknown option, bad number) as one line too."""
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+            sys.exit(code if isinstance(code, int) else 0)  # non-standalone click returns ctx.exit codes
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="mlxmtp")
 def cli():
