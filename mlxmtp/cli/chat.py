@@ -1,0 +1,233 @@
+"""`mlxmtp chat`: a terminal REPL over one model, streamed replies, a stats line after each.
+
+Input: Enter sends. A line ending in a backslash continues on the next line (at a terminal and on piped stdin);
+at a terminal, Esc then Enter also inserts a newline, and up/down browse the history (~/.cache/mlxmtp/chat_history).
+Ctrl-C during a reply stops it (the partial reply stays in the conversation); Ctrl-C at the prompt clears the
+line; Ctrl-D or /exit quits. When stdin is not a terminal, messages are read from it line by line, without prompts.
+
+The prompt is the tokenizer's chat template applied to the conversation, or, for a tokenizer without one, the
+conversation's texts concatenated (plain continuation). ``ChatSession`` holds the logic; the I/O is separate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..errors import MLXMTPError
+from ..generation import stream_generate
+from ..sampling import SamplingParams
+from .generate import Command, force_option, load_checked, model_option, parse_draft, sampling_options, stats_line
+
+HISTORY = Path(os.environ.get("MLXMTP_CACHE_DIR", Path.home() / ".cache" / "mlxmtp")) / "chat_history"
+ROLES = ("system", "user", "assistant")
+SETTINGS = {"temp": float, "top_p": float, "top_k": int, "max_tokens": int, "draft": parse_draft}
+
+HELP = """\
+/help                  this help
+/reset                 start a new conversation
+/stats                 statistics of the last reply
+/set                   show the settings
+/set NAME VALUE        change one: temp, top_p, top_k, max_tokens, draft (N or auto)
+/save FILE             write the conversation as JSON
+/load FILE             replace the conversation with one written by /save
+/exit                  quit (or Ctrl-D)
+A line ending in \\ continues on the next line; at a terminal Esc Enter inserts a newline.
+Ctrl-C stops a reply (the partial reply is kept)."""
+
+
+class ChatSession:
+    """The REPL's logic without terminal I/O: ``handle`` takes one message or slash command."""
+
+    def __init__(self, model, tokenizer, settings: dict, echo=click.echo):
+        self.model, self.tokenizer, self.echo = model, tokenizer, echo
+        self.settings = dict(settings)  # temp, top_p, top_k, max_tokens, draft, seed
+        self.messages: list[dict] = []
+        self.last_stats = None
+
+    def handle(self, line: str) -> bool:
+        """Process one input; False when the session should end."""
+        if line.startswith("/"):
+            return self.command(line)
+        if line.strip():
+            self.reply(line)
+        return True
+
+    def prompt(self):
+        if self.tokenizer.has_chat_template:
+            return self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        return "".join(m["content"] for m in self.messages)
+
+    def reply(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        s, parts, stats = self.settings, [], None
+        seed = None if s["seed"] is None else s["seed"] + len(self.messages)
+        steps = stream_generate(self.model, self.tokenizer, self.prompt(), max_tokens=s["max_tokens"],
+                                temperature=s["temp"], top_p=s["top_p"], top_k=s["top_k"], draft_tokens=s["draft"],
+                                seed=seed)
+        try:
+            for inc in steps:
+                self.echo(inc.text, nl=False)
+                parts.append(inc.text)
+                stats = inc.stats
+            note = {"length": " (max_tokens reached)", "context": " (context full)"}.get(inc.finish_reason, "")
+        except ValueError as e:  # e.g. the conversation no longer fits the context
+            self.messages.pop()
+            self.echo(f"error: {e}", err=True)
+            return
+        except KeyboardInterrupt:
+            steps.close()
+            note = " (stopped)"
+        self.echo()
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        self.last_stats = stats
+        if stats is not None:
+            acc = f"acceptance {stats.acceptance_rate:.0%}" if stats.drafted else "no drafts"
+            self.echo(f"[{stats.decode_tokens_per_s:.1f} tok/s | tau {stats.mean_accepted_length:.2f} | {acc} | "
+                      f"{stats.generated_tokens} tokens{note}]", err=True)
+        elif note:
+            self.echo(f"[{note.strip()}]", err=True)
+
+    def command(self, line: str) -> bool:
+        name, _, arg = line[1:].strip().partition(" ")
+        if name == "exit":
+            return False
+        run = getattr(self, f"cmd_{name}", None)
+        if run is None:
+            self.echo(f"error: unknown command /{name}; /help lists them", err=True)
+            return True
+        try:
+            run(arg.strip())
+        except (MLXMTPError, ValueError, OSError) as e:
+            self.echo(f"error: {e}", err=True)
+        return True
+
+    def cmd_help(self, arg):
+        self.echo(HELP)
+
+    def cmd_reset(self, arg):
+        self.messages, self.last_stats = [], None
+        self.echo("(new conversation)")
+
+    def cmd_stats(self, arg):
+        self.echo(stats_line(self.last_stats) if self.last_stats else "no reply yet")
+
+    def cmd_set(self, arg):
+        if not arg:
+            self.echo(" ".join(f"{k}={v}" for k, v in self.settings.items()))
+            return
+        key, _, value = arg.partition(" ")
+        if key not in SETTINGS:
+            raise ValueError(f"unknown setting {key!r}; one of {', '.join(SETTINGS)}")
+        try:
+            new = {**self.settings, key: SETTINGS[key](value.strip())}
+        except ValueError:
+            raise ValueError(f"bad value for {key}: {value.strip()!r}") from None
+        SamplingParams(new["temp"], new["top_p"], new["top_k"])  # validates
+        if new["max_tokens"] < 1:
+            raise ValueError("max_tokens must be >= 1")
+        self.settings = new
+        self.echo(f"{key}={new[key]}")
+
+    def cmd_save(self, arg):
+        if not arg:
+            raise ValueError("usage: /save FILE")
+        path = Path(arg).expanduser()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"messages": self.messages}, f, indent=1, ensure_ascii=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.echo(f"saved {len(self.messages)} messages to {path}")
+
+    def cmd_load(self, arg):
+        if not arg:
+            raise ValueError("usage: /load FILE")
+        try:
+            data = json.loads(Path(arg).expanduser().read_text())
+        except ValueError as e:
+            raise MLXMTPError(f"{arg} is not a JSON file ({e})") from None
+        msgs = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
+            raise MLXMTPError(f"{arg} is not a conversation written by /save")
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        self.last_stats = None
+        self.echo(f"loaded {len(self.messages)} messages")
+
+
+def read_message(read_line) -> str:
+    """One message: lines ending in a backslash continue it."""
+    lines = [read_line(">>> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(read_line("... "))
+    return "\n".join(lines)
+
+
+def run(session: ChatSession, read_line) -> None:
+    while True:
+        try:
+            text = read_message(read_line)
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            return
+        if not session.handle(text):
+            return
+
+
+def terminal_reader():
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _(event):
+        event.current_buffer.insert_text("\n")
+
+    HISTORY.parent.mkdir(parents=True, exist_ok=True)
+    prompt = PromptSession(history=FileHistory(str(HISTORY)), key_bindings=keys)
+    return lambda message: prompt.prompt(message)
+
+
+def stream_reader(stream):
+    def read(message):
+        line = stream.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    return read
+
+
+@click.command(cls=Command)
+@model_option
+@sampling_options
+@force_option
+def command(model, max_tokens, temp, top_p, top_k, seed, draft_tokens, force_load):
+    """Chat with a model in the terminal.
+
+    \b
+    Enter sends; a line ending in \\ continues on the next line; Esc Enter inserts a newline.
+    Ctrl-C stops a reply (the partial reply is kept); Ctrl-D or /exit quits; /help lists the commands.
+    When stdin is not a terminal, messages are read from it line by line.
+    """
+    path, m, tokenizer = load_checked(model, force_load)
+    settings = dict(temp=temp, top_p=top_p, top_k=top_k, max_tokens=max_tokens, draft=draft_tokens, seed=seed)
+    session = ChatSession(m, tokenizer, settings)
+    mode = "chat template" if tokenizer.has_chat_template else "plain continuation (no chat template)"
+    click.echo(f"{path.name}: {m.num_mtp_modules} MTP module(s), {mode}; /help for commands, Ctrl-D to quit",
+               err=True)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    run(session, terminal_reader() if interactive else stream_reader(sys.stdin))
