@@ -171,7 +171,7 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
             drafter.extend(hidden[:, : n_acc + 1])
         stats.record(len(drafts), n_acc)
         if policy is not None:
-            policy.observe(len(drafts), n_acc, time.perf_counter() - t0)
+            policy.observe(k, len(drafts), n_acc, time.perf_counter() - t0)
         new = drafts[:n_acc] + [nxt]
         tokens.extend(new)
         yield new

@@ -86,44 +86,68 @@ def measure_costs(model, max_tokens: int = 5, context: int = 64, repeats: int = 
 
 
 class DepthPolicy:
-    """Per-round choice of k from running acceptance estimates and the measured cost curve.
+    """Per-round choice of k from running acceptance estimates and round times.
 
-    Estimates are Beta-like running counts per depth with a prior of ``prior`` acceptance worth ``prior_weight``
-    rounds; while plain decoding wins, every ``probe_every``-th round drafts one token so the estimate can recover.
+    Acceptance: running counts per depth with a prior of ``prior`` worth ``prior_weight`` rounds. Time: a round with
+    k drafts is predicted from the measured cost curve until ``min_obs`` rounds of that k have been timed; from then
+    on its observed mean time (Python overhead, sampling and all) is used, so k = 0 wins whenever drafting does not
+    pay in practice. The first ``min_obs`` rounds are plain (to time them), and while plain decoding wins every
+    ``probe_every``-th round drafts one token so the estimates can recover.
     """
 
     def __init__(self, costs: dict, max_depth: Optional[int] = None, prior: float = 0.7, prior_weight: float = 4.0,
-                 probe_every: int = 16, margin: float = 1.02):
+                 probe_every: int = 16, margin: float = 1.02, min_obs: int = 3):
         verify = costs["verify"]
         self.cost = verify
         self.c_draft = costs.get("draft", 0.0)
         self.max_depth = min(max_depth or len(verify) - 1, len(verify) - 1)
         self.accepted = [prior * prior_weight] * self.max_depth
         self.tried = [prior_weight] * self.max_depth
-        self.probe_every, self.margin = probe_every, margin
+        self.probe_every, self.margin, self.min_obs = probe_every, margin, min_obs
+        self.seconds = [0.0] * (self.max_depth + 1)  # total observed seconds of rounds with k drafts requested
+        self.rounds = [0] * (self.max_depth + 1)
         self._plain_rounds = 0
         self.last_k = 0
 
+    def _model_cost(self, k: int) -> float:
+        return self.cost[k] + k * self.c_draft
+
+    def round_time(self, k: int) -> float:
+        """Predicted time of a round with k drafts (seconds once any round was timed, else units of cost(1))."""
+        if self.rounds[k] >= self.min_obs:
+            return self.seconds[k] / self.rounds[k]
+        timed = [j for j in range(self.max_depth + 1) if self.rounds[j] >= self.min_obs]
+        if not timed:
+            return self._model_cost(k)
+        j = max(timed, key=lambda j: self.rounds[j])
+        return self._model_cost(k) * (self.seconds[j] / self.rounds[j]) / self._model_cost(j)
+
     def expected_rate(self, k: int) -> float:
-        """Expected tokens per unit of time (cost(1) = 1) with k drafts."""
+        """Expected tokens per unit of time with k drafts."""
         tokens, run = 1.0, 1.0
         for d in range(k):
             run *= self.accepted[d] / self.tried[d]
             tokens += run
-        return tokens / (self.cost[k] + k * self.c_draft)
+        return tokens / self.round_time(k)
 
     def choose(self) -> int:
-        best = max(range(self.max_depth + 1), key=self.expected_rate)
-        if best > 0 and self.expected_rate(best) < self.margin * self.expected_rate(0):
+        if self.rounds[0] < self.min_obs:
             best = 0
-        if best == 0:
-            self._plain_rounds += 1
-            if self.max_depth and self._plain_rounds % self.probe_every == 0:
-                best = 1
+        else:
+            best = max(range(self.max_depth + 1), key=self.expected_rate)
+            if best > 0 and self.expected_rate(best) < self.margin * self.expected_rate(0):
+                best = 0
+            if best == 0:
+                self._plain_rounds += 1
+                if self.max_depth and self._plain_rounds % self.probe_every == 0:
+                    best = 1
         self.last_k = best
         return best
 
-    def observe(self, drafted: int, accepted: int, seconds: float = 0.0) -> None:
+    def observe(self, k: int, drafted: int, accepted: int, seconds: float) -> None:
+        """A round that asked for k drafts, drafted `drafted`, had `accepted` of them accepted and took `seconds`."""
+        self.rounds[k] += 1
+        self.seconds[k] += seconds
         for d in range(drafted):
             self.tried[d] += 1
             self.accepted[d] += d < accepted
