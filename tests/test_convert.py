@@ -122,7 +122,7 @@ def test_layout(deepseek, tmp_path, monkeypatch):
     config = json.loads((out / "config.json").read_text())
     assert {k: config[k] for k in original} == original
     assert config["quantization"] == config["quantization_config"]
-    assert config["mlxmtp"] == {"converted_from": str(deepseek), "version": mlxmtp.__version__}
+    assert config["mlxmtp"] == {"converted_from": str(deepseek), "version": mlxmtp.__version__, "mtp_modules": 1}
     q = config["quantization"]
     assert {k: q[k] for k in ("group_size", "bits", "mode")} == {"group_size": 32, "bits": 4, "mode": "affine"}
     assert q["mtp.0.eh_proj"] == {"group_size": 32, "bits": 8}
@@ -146,11 +146,14 @@ def test_mtp_and_embedding_left_in_float(deepseek, tmp_path):
     assert stored["model.layers.1.mlp.gate.e_score_correction_bias"]["dtype"] == "F32"  # the family keeps it
 
 
-def test_no_mtp(deepseek, tmp_path):
+def test_no_mtp(deepseek, tmp_path, caplog):
     out = conv.convert(deepseek, tmp_path / "q", bits=8, group_size=32, mtp=False)
     assert not [k for k in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
                 if k.startswith("mtp.")]
-    assert mlxmtp.load_model(out).num_mtp_modules == 0
+    caplog.clear()
+    model = mlxmtp.load_model(out)
+    assert model.num_mtp_modules == 0
+    assert not caplog.records and model.load_report["warning"] is None  # left out on purpose: no warning
 
 
 def test_fp8_source(deepseek, tmp_path):
