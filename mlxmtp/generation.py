@@ -7,6 +7,7 @@ max_tokens and the context length take effect in the middle of a round: nothing 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
@@ -55,6 +56,19 @@ class GenerationIncrement:
     finish_reason: Optional[str] = None
 
 
+_POLICIES: dict = {}
+
+
+def _shared_policy(model, greedy: bool) -> DepthPolicy:
+    """One depth policy per model (and greedy vs sampling, whose acceptance differs), kept across generations so
+    what it learned about acceptance and round times carries over from one prompt or chat turn to the next."""
+    key = (id(model), greedy)
+    if key not in _POLICIES:
+        _POLICIES[key] = DepthPolicy(measure_costs(model, AUTO_MAX_DEPTH + 1), AUTO_MAX_DEPTH)
+        weakref.finalize(model, _POLICIES.pop, key, None)
+    return _POLICIES[key]
+
+
 def _validate_draft_tokens(draft_tokens):
     if draft_tokens == "auto":
         return draft_tokens
@@ -91,7 +105,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     if ctx is not None and len(ids) >= ctx:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
     if draft_tokens == "auto" and model.num_mtp_modules:
-        policy = policy or DepthPolicy(measure_costs(model, AUTO_MAX_DEPTH + 1), AUTO_MAX_DEPTH)
+        policy = policy or _shared_policy(model, params.greedy)
     elif draft_tokens == "auto":
         draft_tokens = 0
 
