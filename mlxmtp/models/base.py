@@ -54,6 +54,22 @@ class MTPModel(nn.Module):
         self.skipped: dict[str, list[str]] = {}
 
     # --- shared ---------------------------------------------------------------------------------------------------
+    # The standard layout (``self.model.embed_tokens / layers / norm`` and ``lm_head``, tied when the config says
+    # so); a family with another layout overrides these.
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
+
+    def trunk(self, tokens: mx.array, cache=None):
+        h = self.embed(tokens)
+        for layer, c in zip(self.model.layers, cache or [None] * len(self.model.layers)):
+            h = layer(h, cache=c)
+        return h, self.model.norm(h)
+
+    def lm_head(self, hidden: mx.array) -> mx.array:
+        if getattr(self.args, "tie_word_embeddings", False):
+            return self.model.embed_tokens.as_linear(hidden)
+        return self["lm_head"](hidden)
+
     @property
     def num_mtp_modules(self) -> int:
         return len(self.mtp)

@@ -191,18 +191,6 @@ class Model(MTPModel):
         moe = args.n_routed_experts is not None and i >= args.first_k_dense_replace and i % args.moe_layer_freq == 0
         return DecoderLayer(args, MLAttention(args), moe)
 
-    def embed(self, tokens):
-        return self.model.embed_tokens(tokens)
-
-    def trunk(self, tokens, cache=None):
-        h = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache or [None] * len(self.model.layers)):
-            h = layer(h, cache=c)
-        return h, self.model.norm(h)
-
-    def lm_head(self, h):
-        return self["lm_head"](h)
-
     def make_cache(self):
         return [KVCache() for _ in self.model.layers]
 

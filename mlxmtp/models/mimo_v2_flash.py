@@ -184,18 +184,6 @@ class Model(MTPModel):
         self.mtp = [MTPModule(args.hidden_size, DecoderLayer(args, sliding=True, moe=False), norm)
                     for _ in range(num_mtp)]
 
-    def embed(self, tokens):
-        return self.model.embed_tokens(tokens)
-
-    def trunk(self, tokens, cache=None):
-        h = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache or [None] * len(self.model.layers)):
-            h = layer(h, c)
-        return h, self.model.norm(h)
-
-    def lm_head(self, h):
-        return self["lm_head"](h)
-
     def _cache(self, layer):
         return SlidingWindowCache(self.args.window) if layer.sliding else KVCache()
 

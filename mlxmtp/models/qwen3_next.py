@@ -160,18 +160,6 @@ class Model(MTPModel):
         self.mtp = [MTPModule(args.hidden_size, DecoderLayer(args, False, args.is_moe(j)), norm)
                     for j in range(num_mtp)]
 
-    def embed(self, tokens):
-        return self.model.embed_tokens(tokens)
-
-    def trunk(self, tokens, cache=None):
-        h = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache or [None] * len(self.model.layers)):
-            h = layer(h, c)
-        return h, self.model.norm(h)
-
-    def lm_head(self, h):
-        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self["lm_head"](h)
-
     def make_cache(self):
         return [RecurrentCache() if layer.is_linear else KVCache() for layer in self.model.layers]
 
