@@ -58,7 +58,8 @@ def recurrent_steps(q, k, v, g, beta, state):
 
 
 class GatedDeltaNet(nn.Module):
-    """The layer less its input projections; a family's subclass defines them and ``project``."""
+    """The layer less its input projections. A family's subclass defines them and ``project(x)``: x [B, L, hidden]
+    -> qkv [B, L, conv_dim] (all q heads, all k heads, all v heads), z [B, L, Hv, Dv], b and a [B, L, Hv]."""
 
     def __init__(self, hidden: int, n_k_heads: int, n_v_heads: int, k_dim: int, v_dim: int, conv_kernel: int,
                  eps: float):
@@ -72,11 +73,6 @@ class GatedDeltaNet(nn.Module):
         self.A_log = mx.zeros((n_v_heads,))
         self.norm = GatedRMSNorm(v_dim, eps)
         self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
-
-    def project(self, x):
-        """x [B, L, hidden] -> qkv [B, L, conv_dim] (all q heads, all k heads, all v heads), z [B, L, Hv, Dv],
-        b and a [B, L, Hv]."""
-        raise NotImplementedError
 
     def __call__(self, x, cache=None):
         B, L, _ = x.shape
