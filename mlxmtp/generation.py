@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .sampling import SamplingParams
-from .speculative import RoundStats, decode
+from .speculative import MAX_DRAFT_TOKENS, RoundStats, decode
 from .tuning import DepthPolicy, measure_costs
 
 AUTO_MAX_DEPTH = 4
@@ -72,8 +72,8 @@ def _shared_policy(model, greedy: bool) -> DepthPolicy:
 def _validate_draft_tokens(draft_tokens):
     if draft_tokens == "auto":
         return draft_tokens
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
-        raise ValueError(f"draft_tokens must be 'auto' or an integer >= 0, got {draft_tokens!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft_tokens must be 'auto' or an integer from 0 to {MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
     return draft_tokens
 
 

@@ -7,6 +7,7 @@ Randomness comes from one seeded ``numpy.random.Generator`` per generation, so s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +22,8 @@ class SamplingParams:
     top_k: int = 0
 
     def __post_init__(self):
+        if not math.isfinite(self.temperature) or not math.isfinite(self.top_p):
+            raise ValueError(f"temperature and top_p must be finite numbers, got {self.temperature}, {self.top_p}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -26,6 +26,11 @@ from .cache import rollback
 from .sampling import SamplingParams, accept_drafts, sample
 
 PREFILL_CHUNK = 512
+# The deepest draft a round may ask for. A verify pass feeds 1 + k tokens, and the caches that cannot be trimmed
+# arbitrarily (recurrent state, sliding window) keep cache.MAX_ROLLBACK = 16 positions for rollback, so k <= 15 is
+# the hard limit; 8 is the deliberate bound: with acceptance 0.8 a 9th draft adds 0.8^9 = 0.13 expected tokens
+# while every verify row costs bandwidth (and MTP modules drafting that deep are far outside their training).
+MAX_DRAFT_TOKENS = 8
 
 
 class MTPDrafter:

@@ -20,6 +20,9 @@ COMMANDS = {
     "convert": "convert",
     "inspect": "inspect_cmd",
     "bench": "bench",
+    "serve": "serve",
+    "doctor": "doctor",
+    "train-heads": "train_heads",
 }
 
 
