@@ -14,6 +14,7 @@ been fed. The speculative loop (speculative.py) relies on nothing else.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import mlx.core as mx
@@ -56,6 +57,17 @@ class KVCache:
         if not 0 <= n <= self.offset:
             raise ValueError(f"cannot roll back {n} of {self.offset} positions")
         self.offset -= n
+
+    def can_rollback(self, n: int) -> bool:
+        return 0 <= n <= self.offset
+
+    def copy(self) -> "KVCache":
+        """A snapshot that later updates of self do not change. update_and_fetch writes into its buffer in place,
+        so the copy holds its own (lazy) slice of the buffer rather than the same array object."""
+        c = copy.copy(self)
+        if self.keys is not None:
+            c.keys, c.values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return c
 
     @property
     def nbytes(self) -> int:
@@ -105,10 +117,16 @@ class SlidingWindowCache:
             raise ValueError(f"cannot roll back {n} of {self.offset} positions")
         # The next query, at position offset - n, needs every key from offset - n - window + 1 on. (Checking this
         # rather than n <= room also refuses repeated rollbacks that add up to more than the room kept.)
-        if self.start > max(0, self.offset - n - self.window + 1):
+        if not self.can_rollback(n):
             raise ValueError(f"sliding-window cache cannot roll back {n} more positions: it keeps {self.room} "
                              "beyond its window since its last update")
         self.offset -= n
+
+    def can_rollback(self, n: int) -> bool:
+        return 0 <= n <= self.offset and self.start <= max(0, self.offset - n - self.window + 1)
+
+    def copy(self) -> "SlidingWindowCache":
+        return copy.copy(self)  # updates replace keys/values (concatenate), never write into them
 
     @property
     def nbytes(self) -> int:
@@ -143,7 +161,7 @@ class RecurrentCache:
     def rollback(self, n: int) -> None:
         if n == 0:
             return
-        if not self._states or n >= len(self._states):
+        if not self.can_rollback(n):
             raise ValueError(f"recurrent cache can roll back only within its last update, not {n} positions")
         keep = len(self._states) - 1 - n  # tokens of the last update that stay
         self.state = self._states[keep]
@@ -151,6 +169,14 @@ class RecurrentCache:
         self._states = self._states[: keep + 1]
         self._conv_input = self._conv_input[:, : keep + self._kernel_minus_1]
         self.offset -= n
+
+    def can_rollback(self, n: int) -> bool:
+        return n == 0 or (bool(self._states) and n < len(self._states))
+
+    def copy(self) -> "RecurrentCache":
+        c = copy.copy(self)  # updates replace the state arrays, never write into them
+        c._states = list(self._states)
+        return c
 
     def make_mask(self, n: int):
         return None
@@ -169,6 +195,17 @@ def rollback(caches, n: int) -> None:
             rollback(c, n)
         elif c is not None:
             c.rollback(n)
+
+
+def can_rollback(caches, n: int) -> bool:
+    """Whether rollback(caches, n) would succeed (it changes nothing)."""
+    return all(can_rollback(c, n) if isinstance(c, (list, tuple)) else (c is None or c.can_rollback(n))
+               for c in caches)
+
+
+def copy_caches(caches) -> list:
+    """Snapshot of a (nested) list of caches: decoding on with the originals leaves the copies as they are."""
+    return [copy_caches(c) if isinstance(c, (list, tuple)) else (None if c is None else c.copy()) for c in caches]
 
 
 def cache_nbytes(caches) -> int:

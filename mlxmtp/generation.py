@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .sampling import SamplingParams
-from .speculative import MAX_DRAFT_TOKENS, RoundStats, decode
+from .speculative import MAX_DRAFT_TOKENS, DecodeState, RoundStats, decode
 from .tuning import DepthPolicy, measure_costs
 
 AUTO_MAX_DEPTH = 4
@@ -25,6 +25,7 @@ AUTO_MIN_DRAFT_PROB = 0.1
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from a reused DecodeState instead of being prefilled
     prefill_tokens_per_s: float = 0.0
     generated_tokens: int = 0
     decode_tokens_per_s: float = 0.0
@@ -88,11 +89,14 @@ def encode_prompt(tokenizer, prompt: Union[str, Sequence[int]]) -> list[int]:
 def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None,
                     draft_tokens="auto", mtp: bool = True, stop: Sequence[str] = (),
-                    policy: Optional[DepthPolicy] = None) -> Iterator[GenerationIncrement]:
+                    policy: Optional[DepthPolicy] = None,
+                    state: Optional[DecodeState] = None) -> Iterator[GenerationIncrement]:
     """Yield increments (new text, new token ids, running stats) as tokens are accepted.
 
     draft_tokens: "auto" (depth chosen per round from measured costs and acceptance), or k >= 0 (0 = plain decoding
     through the same code path). mtp=False is plain decoding. The last increment has ``finish_reason`` set.
+    state: continue from this DecodeState (trimmed to the prompt: speculative.DecodeState.trim) and leave it
+    updated; only the prompt tokens it does not hold are prefilled.
     """
     params = SamplingParams(temperature, top_p, top_k)
     draft_tokens = _validate_draft_tokens(draft_tokens) if mtp else 0
@@ -112,7 +116,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     detok = tokenizer.detokenizer
     detok.reset()
-    stats, rounds = GenerationStats(prompt_tokens=len(ids)), RoundStats()
+    stats, rounds = GenerationStats(prompt_tokens=len(ids), cached_tokens=state.n_cached if state else 0), RoundStats()
     mx.reset_peak_memory()
     hold = max((len(s) for s in stop), default=1) - 1  # characters held back while a stop string may be forming
     text, sent, out_tokens = "", 0, []
@@ -120,7 +124,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     t_first = None
     finish = None
     steps = decode(model, ids, params, draft_tokens=draft_tokens, policy=policy, seed=seed, stats=rounds,
-                   min_draft_prob=AUTO_MIN_DRAFT_PROB if draft_tokens == "auto" else 0.0)
+                   min_draft_prob=AUTO_MIN_DRAFT_PROB if draft_tokens == "auto" else 0.0, state=state)
     for new in steps:
         if t_first is None:
             t_first = time.perf_counter()
@@ -157,7 +161,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
 
 def _fill_stats(stats: GenerationStats, rounds: RoundStats, tokens: list, t_start: float, t_first: float) -> None:
     now = time.perf_counter()
-    stats.prefill_tokens_per_s = stats.prompt_tokens / max(t_first - t_start, 1e-9)
+    stats.prefill_tokens_per_s = (stats.prompt_tokens - stats.cached_tokens) / max(t_first - t_start, 1e-9)
     stats.generated_tokens = len(tokens)
     decode_time = now - t_first
     stats.decode_tokens_per_s = (len(tokens) - 1) / decode_time if len(tokens) > 1 and decode_time > 0 else 0.0

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 import numpy as np
 
-from .cache import rollback
+from .cache import can_rollback, copy_caches, rollback
 from .sampling import SamplingParams, accept_drafts, sample
 
 PREFILL_CHUNK = 512
@@ -45,6 +45,32 @@ class MTPDrafter:
         # (for j = 0: the trunk's hidden states at rows frontier[0] .. P-1)
         self.inputs: list[Optional[mx.array]] = [None] * self.n
         self.min_draft_prob = min_draft_prob
+
+    def copy(self) -> "MTPDrafter":
+        c = MTPDrafter.__new__(MTPDrafter)
+        c.__dict__.update(self.__dict__)
+        c.caches, c.frontier, c.inputs = copy_caches(self.caches), list(self.frontier), list(self.inputs)
+        return c
+
+    def trim_plan(self, F: int) -> Optional[list]:
+        """How many rows each module's cache must forget so that the drafter continues from trunk position F
+        (F <= every position it has seen; the rows a module keeps use only tokens t[..F + n - 1]). None when a
+        cache cannot roll back that far."""
+        drop = [max(0, f - F) for f in self.frontier]
+        ok = all(can_rollback([c], d) for c, d in zip(self.caches, drop))
+        return drop if ok else None
+
+    def trim(self, F: int, drop: list) -> None:
+        """Continue from trunk position F (see trim_plan). A module ahead of F is rolled back to row F and has
+        nothing pending; a module at or behind F keeps its frontier and the pending input rows below its
+        predecessor's new frontier (module 0: the trunk's hidden states of rows frontier..F-1)."""
+        for j, d in enumerate(drop):
+            if d:
+                rollback([self.caches[j]], d)
+                self.frontier[j], self.inputs[j] = F, None
+            elif self.inputs[j] is not None:
+                upto = (F if j == 0 else self.frontier[j - 1]) - self.frontier[j]
+                self.inputs[j] = self.inputs[j][:, :upto] if upto > 0 else None
 
     def extend(self, hidden: mx.array) -> None:
         """Trunk hidden states [1, m, H] of newly committed positions."""
@@ -110,6 +136,75 @@ class MTPDrafter:
                 self.inputs[m] = out[:, :end] if nxt is None else mx.concatenate([nxt, out[:, :end]], axis=1)
 
 
+class DecodeState:
+    """The state one decoding sequence leaves behind, reusable by the next generation whose prompt extends it
+    (a chat's next turn, a server's next request with the same prefix: see prompt_cache.py).
+
+    - ``cache``: the trunk caches; they hold positions 0 .. ``n_cached`` - 1.
+    - ``drafter``: the MTPDrafter with every MTP module's cache and the hidden states it has not consumed yet, or
+      None for a state decoded without MTP (it cannot serve a generation that drafts).
+    - ``tokens``: the ids the state depends on; a prompt continuing it must start with them. During decoding they
+      are the committed tokens, the last of which (the last one emitted) is not in the trunk cache yet, and the
+      MTP modules' rows have used all of them.
+    - ``busy``: True while a round is in flight; a state whose decoding was interrupted mid-round (an exception
+      inside a pass) is left busy and must not be reused.
+    """
+
+    def __init__(self, model, use_mtp: bool, drafter=None):
+        self.model = model
+        self.cache = model.make_cache()
+        self.drafter = (drafter or MTPDrafter(model)) if use_mtp else None
+        self.tokens: list[int] = []
+        self.n_cached = 0
+        self.busy = False
+
+    def copy(self) -> "DecodeState":
+        """A snapshot: decoding on with self (or trimming it) leaves the copy as it is."""
+        c = DecodeState.__new__(DecodeState)
+        c.__dict__.update(self.__dict__)
+        c.cache, c.tokens = copy_caches(self.cache), list(self.tokens)
+        c.drafter = self.drafter.copy() if self.drafter is not None else None
+        return c
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading positions of ``prompt`` this state could keep (see trim); -1 if it cannot be trimmed
+        to them (a recurrent or sliding-window cache cannot roll back that far, or the state is busy)."""
+        plan = self._plan(prompt)
+        return -1 if plan is None else plan[0]
+
+    def trim(self, prompt: list[int]) -> int:
+        """Keep only what a generation from ``prompt`` can reuse; return the number of prompt tokens kept (the
+        trunk cache then holds prompt[:kept]; at least the last prompt token is always left to feed). With n the
+        longest common prefix of ``tokens`` and ``prompt``, kept = min(n_cached, n - (MTP modules), len - 1): the
+        rows an MTP module keeps use tokens up to t[kept + module depth - 1]. Raises ValueError when a cache
+        cannot roll back that far (the caller falls back to a snapshot or a fresh state)."""
+        plan = self._plan(prompt)
+        if plan is None:
+            raise ValueError("this decode state cannot be trimmed to the prompt's common prefix")
+        F, drop = plan
+        rollback(self.cache, self.n_cached - F)
+        if self.drafter is not None:
+            self.drafter.trim(F, drop)
+        self.n_cached = F
+        self.tokens = list(prompt[: F + (self.drafter.n if self.drafter is not None else 0)])
+        return F
+
+    def _plan(self, prompt):
+        if self.busy:
+            return None
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        lag = self.drafter.n if self.drafter is not None else 0
+        F = max(0, min(self.n_cached, n - lag, len(prompt) - 1))
+        if not can_rollback(self.cache, self.n_cached - F):
+            return None
+        drop = self.drafter.trim_plan(F) if self.drafter is not None else []
+        return None if drop is None else (F, drop)
+
+
 @dataclass
 class RoundStats:
     drafted: int = 0
@@ -137,23 +232,36 @@ def _trunk(model, tokens: list[int], cache, want_hidden: bool):
 
 
 def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, policy=None, seed=None,
-           stats: Optional[RoundStats] = None, min_draft_prob: float = 0.0, drafter=None) -> Iterator[list[int]]:
+           stats: Optional[RoundStats] = None, min_draft_prob: float = 0.0, drafter=None,
+           state: Optional[DecodeState] = None) -> Iterator[list[int]]:
     """Yield the generated tokens, a list per trunk pass (the prefill's first token, then each round's accepted
     drafts plus the correction or bonus token). Runs until the caller stops iterating.
 
     draft_tokens: an int k (0 = plain decoding) or "auto" with ``policy`` (tuning.DepthPolicy) choosing k per round.
     drafter: anything with MTPDrafter's ``extend`` and ``draft`` (default: an MTPDrafter over the model's modules).
+    state: a DecodeState to continue (only the prompt tokens after its ``n_cached`` are prefilled; the prompt must
+    start with its ``tokens``) and to leave updated for the next generation; default: a fresh one.
     """
     prompt = [int(t) for t in prompt]
     rng = np.random.default_rng(seed)
     stats = stats if stats is not None else RoundStats()
     use_mtp = (drafter is not None or model.num_mtp_modules > 0) and (draft_tokens == "auto" or draft_tokens > 0)
-    if use_mtp and drafter is None:
-        drafter = MTPDrafter(model, min_draft_prob)
-    cache = model.make_cache()
+    if state is None:
+        state = DecodeState(model, use_mtp, drafter)
+    else:
+        if state.busy or len(prompt) <= state.n_cached or prompt[: len(state.tokens)] != state.tokens:
+            raise ValueError("the prompt does not continue this decode state (trim it to the prompt first)")
+        if use_mtp and state.drafter is None:
+            raise ValueError("this decode state was built without MTP; it cannot serve a generation that drafts")
+        if not use_mtp:
+            state.drafter = None  # it would fall behind the trunk: the state now serves plain decoding only
+    drafter, cache = state.drafter, state.cache
+    if drafter is not None:
+        drafter.min_draft_prob = min_draft_prob
 
     # Prefill in chunks; the drafter receives every prompt position's hidden state.
-    for s in range(0, len(prompt), PREFILL_CHUNK):
+    state.busy = True
+    for s in range(state.n_cached, len(prompt), PREFILL_CHUNK):
         logits, hidden = _trunk(model, prompt[s : s + PREFILL_CHUNK], cache, use_mtp)
         if use_mtp:
             drafter.extend(hidden)
@@ -162,11 +270,13 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     p = params.distribution(logits[0, -1:])[0]
     first = int(p.argmax()) if params.greedy else sample(p, rng)
     tokens.append(first)
+    state.tokens, state.n_cached, state.busy = tokens, len(prompt), False
     yield [first]
 
     while True:
         k = 0 if not use_mtp else (policy.choose() if draft_tokens == "auto" else draft_tokens)
         t0 = time.perf_counter()
+        state.busy = True
         drafts, q = drafter.draft(tokens, k, params, rng) if k > 0 else ([], None)
         logits, hidden = _trunk(model, [tokens[-1]] + drafts, cache, use_mtp)
         p = params.distribution(logits[0])
@@ -179,4 +289,6 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
             policy.observe(k, len(drafts), n_acc, time.perf_counter() - t0)
         new = drafts[:n_acc] + [nxt]
         tokens.extend(new)
+        state.n_cached += n_acc + 1
+        state.busy = False
         yield new
