@@ -211,6 +211,8 @@ def _analyse(path_or_repo, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
         note = "the config declares no MTP modules"
     elif len(mtp_found) != declared:
         note = "the config and the weights disagree; loading will fail"
+    elif ((config.get("mlxmtp") or {}).get("mtp_heads") or {}).get("trained_by"):
+        note = f"trained by {config['mlxmtp']['mtp_heads']['trained_by']}"  # recipe: config.json mlxmtp.mtp_heads
     else:
         note = None
 
