@@ -1,9 +1,11 @@
 """How a conversation becomes a prompt, the same way in `mlxmtp chat` and `mlxmtp serve`.
 
 With a chat template: the tokenizer's template over the messages, with the generation prompt for the next assistant
-turn (what mlx-lm and transformers do). Without one: the messages' texts joined by a newline, so that a new message
-never continues the last partial token of the reply before it; nothing follows the last message (a trailing newline
-sends the bundled code model into blank lines).
+turn (what mlx-lm and transformers do). Without one (plain continuation): each reply continues the text before it,
+as it was generated, and every other message starts on a new line, so that a new message never continues the last
+partial token of the reply before it. Nothing follows the last message (a trailing newline sends the bundled code
+model into blank lines). The pieces are encoded one by one: a reply's boundaries stay where they were when it was
+generated, so the next turn's prompt starts with the ids the last turn's decode state holds (prompt_cache.py).
 """
 
 from __future__ import annotations
@@ -16,4 +18,11 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     if tokenizer.has_chat_template:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return list(tokenizer.encode(SEPARATOR.join(m["content"] for m in messages)))
+    ids: list[int] = []
+    for m in messages:
+        if not ids:  # the first piece gets the tokenizer's special tokens (a BOS), if it adds any
+            ids = list(tokenizer.encode(m["content"])) if m["content"] else []
+        else:
+            text = m["content"] if m["role"] == "assistant" else SEPARATOR + m["content"]
+            ids += list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    return ids
