@@ -8,20 +8,34 @@ The output follows mlx-lm's convert (mlx_lm/utils.py: quantize_model, make_shard
   ``mlxmtp`` records where the checkpoint came from;
 - the weights under the model's own parameter names (every family's ``sanitize`` passes those through), in
   safetensors shards of at most 5 GB, with model.safetensors.index.json;
-- the tokenizer and generation-config files. Nothing else.
+- the tokenizer and generation-config files, and the other small files mlxmtp reads from a checkpoint
+  (``heldout_files.txt``: the demo's held-out bench suite). Nothing else.
 
 Precision is chosen per component (inspection.component): trunk, MTP modules (``mtp.*``: draft acceptance drops
 when they are quantized too low, so 8 bits by default), embedding + output head. MoE routers and matrices whose
-input dimension is not a multiple of the group size stay in float. Everything is written to a temporary directory
-beside OUT that is renamed to OUT once complete.
+input dimension is not a multiple of the group size stay in float.
+
+Streaming: the model is built lazily (mlx arrays reading nothing until evaluated), quantized lazily, and its output
+tensors' shapes and sizes are known before any weight is read; each tensor is then evaluated, written and released
+in turn (safetensors_io.save_file), so peak memory is one tensor's computation (a layer's stacked experts at most),
+not the model. Before any weight is read, the output location is created and checked against the exact output size.
+Everything is written to a temporary directory ``.OUT.<pid>-<hex>.partial`` beside OUT that is renamed to OUT once
+complete; one left by a killed run is removed by the next conversion into the same directory.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
+import logging
 import os
 import shutil
+import signal
+import socket
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -35,13 +49,18 @@ from . import __version__
 from .errors import MLXMTPError
 from .inspection import component
 from .loading import load_model, read_config, resolve
+from .safetensors_io import save_file
+
+log = logging.getLogger("mlxmtp")
 
 BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize does in "affine" mode
 GROUP_SIZES = (32, 64, 128)
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 COPY_PATTERNS = ("tokenizer*.json", "*.model", "*.tiktoken", "special_tokens_map.json", "generation_config.json",
-                 "chat_template*")
+                 "chat_template*", "heldout_files.txt")
+FREE_SPACE_MARGIN = 64 << 20  # headers, index, config and tokenizer files on top of the tensor bytes
+PARTIAL_MARKER = ".mlxmtp-partial"  # inside a partial directory: the pid of the conversion writing it
 ROUTERS = ("gate", "router", "shared_expert_gate")  # leaf names of MoE routers: few outputs, precision-critical
 
 
@@ -91,6 +110,124 @@ def _progress(show: bool) -> Progress:
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not show)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a closed terminal, `kill`, a job scheduler) ends the conversion as Ctrl-C does: partial output
+    removed, exit 130. Only the main thread can install signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(parent: Path) -> None:
+    """Remove the partial directories of conversions into ``parent`` that were killed (SIGKILL, power loss, a
+    crash: no handler ran), found by the pid in their marker; report the ones that cannot be told apart."""
+    for d in sorted(parent.glob(".*.partial")):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        marker = d / PARTIAL_MARKER
+        try:
+            pid, host = marker.read_text().split("@", 1)
+            pid = int(pid)
+        except (OSError, ValueError):
+            log.warning(f"{d} looks like what an interrupted conversion left behind; remove it if no conversion "
+                        "is running")
+            continue
+        if host != socket.gethostname() or _pid_alive(pid):
+            log.warning(f"{d} is being written by another conversion (pid {pid} on {host}); left alone")
+            continue
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        shutil.rmtree(d, ignore_errors=True)
+        log.warning(f"removed {d.name} ({_size(size)}), left by a conversion that was killed (pid {pid})")
+
+
+def open_partial(out: Path) -> Path:
+    """Create the temporary directory beside ``out`` that becomes ``out`` once complete (checked writable before
+    anything is read), after clearing what killed conversions left there."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MLXMTPError(f"cannot create the output directory {parent} ({e.strerror or e})") from None
+    remove_stale_partials(parent)
+    tmp = parent / f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        tmp.mkdir()  # not mkdtemp: OUT gets the usual permissions
+        (tmp / PARTIAL_MARKER).write_text(f"{os.getpid()}@{socket.gethostname()}")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MLXMTPError(f"cannot write in {parent} ({e.strerror or e})") from None
+    return tmp
+
+
+def check_free_space(out: Path, directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed + FREE_SPACE_MARGIN:
+        raise MLXMTPError(f"{out.name} needs {_size(needed + FREE_SPACE_MARGIN)} of disk, {directory} has "
+                          f"{_size(free)} free")
+
+
+def write_error(e: OSError, out: Path) -> MLXMTPError:
+    """An OSError while converting (disk full, I/O error, a file that vanished) as one line for the user."""
+    why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    where = f" ({e.filename})" if e.filename else ""
+    return MLXMTPError(f"writing {out} failed: {why}{where}; the partial output was removed")
+
+
+def write_weights(directory: Path, weights: dict, on_tensor=None) -> None:
+    """Write ``weights`` (lazy arrays; the dict is emptied, so each tensor is released once written) as shards of
+    at most MAX_SHARD_BYTES with model.safetensors.index.json, mlx-lm's layout."""
+    shards = make_shards(weights)
+    total = sum(v.nbytes for v in weights.values())
+    weights.clear()
+    weight_map, n = {}, len(shards)
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        weight_map.update(dict.fromkeys(shard, name))
+        save_file(directory / name, shard, metadata={"format": "mlx"}, on_tensor=on_tensor)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def copy_side_files(src: Path, directory: Path) -> None:
+    for f in sorted({f for p in COPY_PATTERNS for f in src.glob(p) if f.is_file()}):
+        shutil.copy2(f, directory / f.name)
+
+
+def finish(tmp: Path, out: Path, force: bool) -> None:
+    (tmp / PARTIAL_MARKER).unlink()
+    _move_into_place(tmp, out, force)
+
+
+def source_name(src: Union[str, Path]) -> str:
+    """What config.json records as converted_from: a local directory's absolute path, else the repo id."""
+    p = Path(src).expanduser()
+    return str(p.absolute()) if p.exists() else str(src)
+
+
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
     """Rename tmp to out; an existing out (only with force) is set aside first and removed once tmp is in place."""
     if not (out.exists() or out.is_symlink()):
@@ -111,6 +248,13 @@ def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
         old.unlink()
 
 
+def check_out(out: Union[str, Path], force: bool) -> Path:
+    out = Path(out).expanduser().absolute()
+    if (out.exists() or out.is_symlink()) and not force:
+        raise MLXMTPError(f"{out} exists; pass --force to replace it")
+    return out
+
+
 def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, group_size: int = 64,
             mtp_bits: Optional[int] = None, embed_bits: Optional[int] = None, dtype: Optional[str] = None,
             mtp: bool = True, force: bool = False, show_progress: bool = False) -> Path:
@@ -128,9 +272,7 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, grou
     check_choice("--embed-bits", embed_bits, (0, *BITS))
     if dtype is not None:
         check_choice("--dtype", dtype, tuple(DTYPES))
-    out = Path(out).expanduser().absolute()
-    if (out.exists() or out.is_symlink()) and not force:
-        raise MLXMTPError(f"{out} exists; pass --force to replace it")
+    out = check_out(out, force)
     path = resolve(src)
     if path.resolve() == out.resolve():
         raise MLXMTPError(f"{out} is the source checkpoint; write the conversion elsewhere")
@@ -139,38 +281,28 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, grou
     config = json.loads((path / "config.json").read_text())  # as published: text_config stays nested
     dtype = dtype or source_dtype(config)
 
-    with _progress(show_progress) as progress:
-        task = progress.add_task(f"loading {path.name} ({dtype})", total=None)
-        model = load_model(path, mtp=mtp, dtype=DTYPES[dtype])
-        progress.update(task, total=1, completed=1)
-
-        quant = quantize(model, bits, group_size, mtp_bits, embed_bits)
-        config.update(quantization=quant, quantization_config=quant,
-                      mlxmtp={"converted_from": str(src), "version": __version__,
-                              "mtp_modules": model.num_mtp_modules})
-        weights = dict(tree_flatten(model.parameters()))
-        shards = make_shards(weights)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
-        tmp.mkdir()  # not mkdtemp: OUT gets the usual permissions
+    with sigterm_as_interrupt(), _progress(show_progress) as progress:
+        tmp = open_partial(out)
         try:
-            task = progress.add_task(f"quantizing and writing {out.name}", total=len(weights))
-            weight_map = {}
-            n = len(shards)
-            for i, shard in enumerate(shards):
-                name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                for k, v in shard.items():
-                    mx.eval(v)
-                    weight_map[k] = name
-                    progress.advance(task)
-                mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
-            index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            # Lazy: this reads the safetensors headers only; every size below is known before any weight is read.
+            model = load_model(path, mtp=mtp, dtype=DTYPES[dtype], lazy=True)
+            quant = quantize(model, bits, group_size, mtp_bits, embed_bits)
+            config.update(quantization=quant, quantization_config=quant,
+                          mlxmtp={"converted_from": source_name(src), "version": __version__,
+                                  "mtp_modules": model.num_mtp_modules})
+            weights = dict(tree_flatten(model.parameters()))
+            del model  # the flat dict is then the only owner of each tensor: written, then released
+            gc.collect()
+            check_free_space(out, tmp.parent, sum(v.nbytes for v in weights.values()))
+            task = progress.add_task(f"quantizing and writing {out.name} ({dtype} where not quantized)",
+                                     total=len(weights))
+            write_weights(tmp, weights, on_tensor=lambda _: progress.advance(task))
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            for f in sorted({f for p in COPY_PATTERNS for f in path.glob(p) if f.is_file()}):
-                shutil.copy2(f, tmp / f.name)
-            _move_into_place(tmp, out, force)
+            copy_side_files(path, tmp)
+            finish(tmp, out, force)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(e, out) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -108,9 +108,13 @@ def default_dtype():
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
-def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None):
+def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None, lazy: bool = False):
     """Build the model of a checkpoint and load its weights strictly. Returns the model; ``model.config`` holds
-    config.json and ``model.load_report`` what was loaded, skipped and why."""
+    config.json and ``model.load_report`` what was loaded, skipped and why.
+
+    Tensors are read lazily and evaluated one parameter at a time, so loading never holds a second copy of the
+    model (only one tensor's transient: an FP8 decode, a dtype cast, one layer's experts being stacked).
+    lazy=True leaves the parameters unevaluated (convert streams them to disk one by one)."""
     path = resolve(path_or_repo)
     config = read_config(path)
     if config.get("quantization_config", {}).get("quant_method") not in (None, "fp8"):
@@ -158,7 +162,7 @@ def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None):
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing:
-        raise CheckpointError(f"{path.name}: missing tensor{'s' if len(missing) > 1 else ''} "
+        raise CheckpointError(f"{path.name}: the checkpoint lacks tensor{'s' if len(missing) > 1 else ''} "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
         raise CheckpointError(f"{path.name}: unexpected tensor{'s' if len(unexpected) > 1 else ''} "
@@ -170,10 +174,13 @@ def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None):
 
     dtype = dtype if dtype is not None else default_dtype()
     if dtype is not None:
-        weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not _keep_fp32(model, k) else v)
-                   for k, v in weights.items()}
+        weights = {k: (v.astype(mx.float32 if _keep_fp32(model, k) else dtype)
+                       if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
+    del weights
+    if not lazy:
+        for _, p in tree_flatten(model.parameters()):
+            mx.eval(p)
     model.eval()
     model.config = config
     model.load_report = {
@@ -195,6 +202,7 @@ def _keep_fp32(model, name: str) -> bool:
 def load_tokenizer(path_or_repo: Union[str, Path]):
     """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template); EOS ids from generation_config.json."""
     from mlx_lm.tokenizer_utils import load as load_tok
+    from transformers.utils import logging as hf_logging
 
     path = resolve(path_or_repo)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists() \
@@ -207,14 +215,19 @@ def load_tokenizer(path_or_repo: Union[str, Path]):
             eos = json.loads(f.read_text()).get("eos_token_id", eos)
             if eos is not None:
                 break
+    # transformers warns about every prompt longer than model_max_length ("Token indices sequence length is longer
+    # than the specified maximum ..."); mlxmtp checks the context itself and says so in its own words.
+    hf_logging.set_verbosity_error()
     try:
         return load_tok(path, eos_token_ids=eos)
     except Exception as e:  # noqa: BLE001 - a broken tokenizer file is a user-facing error
         raise MLXMTPError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e})") from None
 
 
-def load(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None):
-    """``model, tokenizer = mlxmtp.load(path_or_repo_id, mtp=True)``."""
+def load(path_or_repo: Union[str, Path, None] = None, mtp: bool = True, dtype=None):
+    """``model, tokenizer = mlxmtp.load(path_or_repo_id, mtp=True)``; with no argument, the bundled demo model."""
+    if path_or_repo is None:
+        path_or_repo = Path(__file__).parent / "demo_model"  # mlxmtp.demo_model_path()
     path = resolve(path_or_repo)
     model = load_model(path, mtp=mtp, dtype=dtype)
     return model, load_tokenizer(path)

@@ -1,5 +1,6 @@
-"""Reading safetensors files defensively: the header is checked against the file before any tensor is touched,
-and DeepSeek's FP8 (E4M3) block-scaled weights are dequantized on the way in.
+"""Reading and writing safetensors files one tensor at a time. Reading is defensive (the header is checked against
+the file before any tensor is touched) and lazy; DeepSeek's FP8 (E4M3) block-scaled weights are dequantized on the
+way in, tensor by tensor.
 
 Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON header mapping
 names to {dtype, shape, data_offsets}, then the tensor bytes.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -18,8 +20,8 @@ from .errors import CheckpointError
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U32": 4,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U32": np.uint32, "BOOL": np.bool_}
+_SAFETENSORS_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.int64: "I64", mx.int32: "I32",
+                      mx.int16: "I16", mx.int8: "I8", mx.uint8: "U8", mx.uint32: "U32", mx.bool_: "BOOL"}
 _FP8_BLOCK = 128  # DeepSeek-V3's FP8 weights carry one weight_scale_inv per 128x128 block (README_WEIGHTS.md)
 
 
@@ -52,50 +54,54 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def _fp8_e4m3_table() -> np.ndarray:
-    """float32 value of each of the 256 E4M3FN codes (1 sign, 4 exponent bits with bias 7, 3 mantissa bits;
-    no infinities, 0x7f/0xff are NaN)."""
-    codes = np.arange(256, dtype=np.int64)
-    sign = np.where(codes & 0x80, -1.0, 1.0)
-    exp = (codes >> 3) & 0xF
-    man = codes & 0x7
-    normal = (1 + man / 8.0) * np.exp2(exp - 7.0)
-    subnormal = (man / 8.0) * np.exp2(-6.0)
-    table = sign * np.where(exp == 0, subnormal, normal)
-    table[(codes & 0x7F) == 0x7F] = np.nan
-    return table.astype(np.float32)
-
-
-def _read_raw(path: Path, header_len: int, t: dict) -> np.ndarray:
-    start, end = t["data_offsets"]
-    return np.fromfile(path, dtype=np.uint8, count=end - start, offset=8 + header_len + start)
-
-
 def load_file(path: Path) -> dict[str, mx.array]:
-    """All tensors of one file as MLX arrays; FP8 tensors come back as float32 (still scaled: see dequantize_fp8)."""
+    """All tensors of one file as lazy MLX arrays: mx.load reads nothing until a tensor is evaluated, and then only
+    that tensor's bytes, so a checkpoint is never in memory at once. FP8 E4M3 tensors (which mx.load returns as
+    their uint8 codes) are decoded to float32 by mx.from_fp8, lazily too, still scaled (see dequantize_fp8)."""
     header = read_header(path)
-    fp8 = [k for k, t in header.items() if t["dtype"].startswith("F8")]
-    if not fp8:
-        try:
-            return mx.load(str(path))
-        except Exception as e:  # noqa: BLE001 - any failure here is a broken file
-            raise CheckpointError(f"{path.name}: cannot read safetensors file ({e})") from None
-    # mx.load does not read FP8: read every tensor of such a file from its raw bytes.
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    out = {}
+    odd = next((k for k, t in header.items() if t["dtype"] == "F8_E5M2"), None)
+    if odd is not None:
+        raise CheckpointError(f"{path.name}: tensor {odd!r} has unsupported dtype F8_E5M2")
+    try:
+        arrays = mx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure here is a broken file
+        raise CheckpointError(f"{path.name}: cannot read safetensors file ({e})") from None
     for k, t in header.items():
-        raw = _read_raw(path, n, t)
         if t["dtype"] == "F8_E4M3":
-            arr = _fp8_e4m3_table()[raw]
-        elif t["dtype"] == "BF16":
-            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif t["dtype"] in _NUMPY:
-            arr = raw.view(_NUMPY[t["dtype"]])
-        else:
-            raise CheckpointError(f"{path.name}: tensor {k!r} has unsupported dtype {t['dtype']}")
-        out[k] = mx.array(arr.reshape(t["shape"]))
-    return out
+            arrays[k] = mx.from_fp8(arrays[k], mx.float32)
+    return arrays
+
+
+def save_file(path: Path, tensors: dict[str, mx.array], metadata: Optional[dict] = None,
+              on_tensor: Optional[Callable[[str], None]] = None) -> None:
+    """Write a safetensors file one tensor at a time: the header is computed from the (lazy) arrays' shapes and
+    dtypes up front, then each tensor is evaluated, written and dropped from ``tensors`` (which this empties) before
+    the next, so memory is bounded by the largest tensor's computation, not by the file (mx.save_safetensors and
+    safetensors' save_file hold every tensor at once). Tensors are stored in name order, the header padded with
+    spaces to 8 bytes as safetensors' own writer does."""
+    names = sorted(tensors)
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for k in names:
+        v = tensors[k]
+        if v.dtype not in _SAFETENSORS_DTYPE:
+            raise ValueError(f"tensor {k!r}: cannot store dtype {v.dtype} in safetensors")
+        header[k] = {"dtype": _SAFETENSORS_DTYPE[v.dtype], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in names:
+            v = mx.contiguous(tensors.pop(k))
+            mx.eval(v)
+            f.write(memoryview(v))
+            del v
+            if on_tensor is not None:
+                on_tensor(k)
 
 
 def dequantize_fp8(weights: dict[str, mx.array], dtype=mx.bfloat16) -> dict[str, mx.array]:
@@ -107,6 +113,10 @@ def dequantize_fp8(weights: dict[str, mx.array], dtype=mx.bfloat16) -> dict[str,
             raise CheckpointError(f"scale {name!r} has no weight {wname!r}")
         w = weights[wname]
         rows, cols = w.shape
+        blocks = (-(-rows // _FP8_BLOCK), -(-cols // _FP8_BLOCK))
+        if tuple(scale.shape) != blocks:
+            raise CheckpointError(f"scale {name!r} has shape {tuple(scale.shape)}, expected {blocks} "
+                                  f"(one per {_FP8_BLOCK}x{_FP8_BLOCK} block of {wname!r})")
         s = mx.repeat(mx.repeat(scale, _FP8_BLOCK, axis=0), _FP8_BLOCK, axis=1)[:rows, :cols]
         weights[wname] = (w.astype(mx.float32) * s).astype(dtype)
     return weights

@@ -185,9 +185,9 @@ def test_fp8_source(deepseek, tmp_path):
     assert inspection.estimate_memory(src)["weights_bytes"] == loaded
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
-def test_interrupted_conversion_leaves_nothing(deepseek, tmp_path, monkeypatch, exc):
-    save, calls = mx.save_safetensors, []
+@pytest.mark.parametrize("exc,raised", [(KeyboardInterrupt, KeyboardInterrupt), (OSError, mlxmtp.MLXMTPError)])
+def test_interrupted_conversion_leaves_nothing(deepseek, tmp_path, monkeypatch, exc, raised):
+    save, calls = conv.save_file, []
 
     def fail_second(*args, **kwargs):
         calls.append(args[0])
@@ -196,14 +196,14 @@ def test_interrupted_conversion_leaves_nothing(deepseek, tmp_path, monkeypatch, 
         save(*args, **kwargs)
 
     monkeypatch.setattr(conv, "MAX_SHARD_BYTES", 100_000)
-    monkeypatch.setattr(conv.mx, "save_safetensors", fail_second)
-    with pytest.raises(exc):
+    monkeypatch.setattr(conv, "save_file", fail_second)
+    with pytest.raises(raised):  # an OSError is the user's one-line error
         conv.convert(deepseek, tmp_path / "q", bits=4, group_size=32)
     assert list(tmp_path.iterdir()) == []
 
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "keep").write_text("old")
-    with pytest.raises(exc):  # --force replaces OUT only once the new one is complete
+    with pytest.raises(raised):  # --force replaces OUT only once the new one is complete
         conv.convert(deepseek, tmp_path / "q", bits=4, group_size=32, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["q"] and (tmp_path / "q" / "keep").read_text() == "old"
 
