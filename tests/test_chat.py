@@ -1,9 +1,11 @@
 """`mlxmtp chat` driven through stdin (CliRunner input), and its ChatSession logic: slash commands, /save + /load,
-prompts with and without a chat template, Ctrl-C mid-reply, a conversation that outgrows the context."""
+prompts with and without a chat template, Ctrl-C mid-reply, a conversation that outgrows the context, and the
+prompt cache across turns (turn 2 prefills only its new tokens, and answers as a fresh prefill would)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -13,6 +15,7 @@ import mlxmtp
 from mlxmtp import tuning
 from mlxmtp.cli import chat
 from mlxmtp.cli.main import cli
+from mlxmtp.conversation import conversation_ids
 from mlxmtp.generation import GenerationIncrement, GenerationStats
 from tests.tiny import deepseek_v3 as tiny
 
@@ -57,9 +60,12 @@ def test_chat_through_stdin(ckpt, loaded):
     assert "plain continuation" in r.stderr
     stats = [line for line in r.stderr.splitlines() if line.startswith("[")]
     assert len(stats) == 2 and all("tok/s" in s and "tau" in s and "acceptance" in s for s in stats)
-    # the second prompt is the whole conversation so far, continued: same text as generating from it directly
+    # the second prompt is the conversation so far, the new message on a new line: same text as generating
+    # from it directly
     first = mlxmtp.generate(*loaded, "hello", max_tokens=6, draft_tokens=0).text
-    second = mlxmtp.generate(*loaded, "hello" + first + "more \ntext", max_tokens=6, draft_tokens=0).text
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "more \ntext"}]
+    second = mlxmtp.generate(*loaded, conversation_ids(loaded[1], messages), max_tokens=6, draft_tokens=0).text
     assert r.stdout.startswith(f"{first}\n{second}\n") and "verify passes" in r.stdout
 
 
@@ -81,18 +87,19 @@ def test_slash_commands(loaded):
     assert echo.out[-1] == "no reply yet\n"
     for cmd, key, value in [("/set temp 0.7", "temp", 0.7), ("/set top_p 0.9", "top_p", 0.9),
                             ("/set top_k 5", "top_k", 5), ("/set max_tokens 3", "max_tokens", 3),
-                            ("/set draft 2", "draft", 2), ("/set draft auto", "draft", "auto")]:
+                            ("/set draft 2", "draft", 2), ("/set draft auto", "draft", "auto"),
+                            ("/set seed 3", "seed", 3), ("/set seed none", "seed", None)]:
         s.handle(cmd)
         assert s.settings[key] == value
     before = dict(s.settings)
     for bad in ["/set temp -1", "/set top_p 2", "/set top_k x", "/set max_tokens 0", "/set draft -1", "/set draft no",
-                "/set colour red", "/frobnicate", "/save", "/load"]:
+                "/set draft 99", "/set seed x", "/set colour red", "/frobnicate", "/save", "/load"]:
         echo.err.clear()
         assert s.handle(bad)
         assert len(echo.err) == 1 and echo.err[0].startswith("error: ")
     assert s.settings == before
     s.handle("/set")
-    assert "temp=0.7" in echo.out[-1] and "draft=auto" in echo.out[-1]
+    assert "temp=0.7" in echo.out[-1] and "draft=auto" in echo.out[-1] and "seed=None" in echo.out[-1]
     s.handle("/set temp 0")
     s.handle("hi")
     assert [m["role"] for m in s.messages] == ["user", "assistant"] and s.last_stats.generated_tokens <= 3
@@ -135,8 +142,19 @@ def test_load_bad_file_keeps_conversation(loaded, tmp_path, content):
 
 def test_save_to_missing_directory(loaded, tmp_path):
     s, echo = session(loaded)
-    s.handle(f"/save {tmp_path / 'no' / 'such' / 'dir.json'}")
-    assert len(echo.err) == 1 and echo.err[0].startswith("error: ")
+    target = tmp_path / "no" / "such" / "dir.json"
+    s.handle(f"/save {target}")
+    assert echo.err == [f"error: cannot save to {target}: no directory {target.parent}\n"]
+    echo.err.clear()
+    s.handle(f"/save {tmp_path}")
+    assert echo.err == [f"error: cannot save to {tmp_path}: it is a directory\n"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_missing_file_names_it(loaded, tmp_path):
+    s, echo = session(loaded)
+    s.handle(f"/load {tmp_path / 'gone.json'}")
+    assert echo.err == [f"error: cannot read {tmp_path / 'gone.json'}: No such file or directory\n"]
 
 
 def test_ctrl_c_mid_reply_keeps_conversation(ckpt, monkeypatch):
@@ -158,23 +176,57 @@ def test_conversation_outgrowing_context(loaded):
     s, echo = session(loaded)
     s.handle("hello")
     before = list(s.messages)
-    s.handle("x" * 300)  # the tiny model's context is 256 tokens
-    assert s.messages == before and "context" in echo.err[-1]
+    s.handle("x" * 300)  # the tiny model's context is 256 tokens: this message alone does not fit
+    assert s.messages == before and echo.err[-1].startswith("error: ") and "context is 256" in echo.err[-1]
     s.handle("again")
     assert len(s.messages) == 4
+    # turns that fill the context: the oldest are dropped with one notice line, the conversation goes on
+    for i in range(3):
+        s.handle(f"{i}" * 80)
+    notices = [e for e in echo.err if e.startswith("(context full")]
+    assert notices and all("oldest messages; /reset starts over" in n for n in notices)
+    assert s.messages[-2]["content"] == "2" * 80 and s.messages[-1]["role"] == "assistant"
+    assert len(conversation_ids(loaded[1], s.messages[:-1])) + 6 <= 256
 
 
-def test_chat_template(ckpt, tmp_path):
-    path = shutil.copytree(ckpt, tmp_path / "templated")
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                            "{% if add_generation_prompt %}<assistant>{% endif %}")
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    model, tok = mlxmtp.load(path)
-    s, _ = session((model, tok))
-    s.handle("hi")
-    s.messages.append({"role": "user", "content": "bye"})
-    expected = tok.encode("<user>hi\n<assistant>" + s.messages[1]["content"] + "\n<user>bye\n<assistant>")
-    assert list(s.prompt()) == list(expected)
-    r = CliRunner().invoke(cli, ["chat", "-m", str(path), "--max-tokens", "4"], input="hi\n")
-    assert r.exit_code == 0 and "chat template" in r.stderr
+def test_system_message_kept_when_dropping(loaded):
+    s, echo = session(loaded)
+    s.messages = [{"role": "system", "content": "be brief"}]
+    for i in range(4):
+        s.handle(f"{i}" * 70)
+    assert s.messages[0] == {"role": "system", "content": "be brief"} and s.messages[1]["role"] == "user"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return mlxmtp.load(mlxmtp.demo_model_path())
+
+
+@pytest.mark.parametrize("draft", [0, 2])
+def test_turns_prefill_only_new_tokens(demo, draft):
+    """Six turns on the demo model: from turn 2 on, the prompt tokens prefilled are the new message's plus the
+    reply's last token (emitted, never fed), and each reply equals a fresh generation from the whole conversation."""
+    s, echo = session(demo, max_tokens=12, draft=draft)
+    lines = ["def add(a, b):", "def sub(a, b):", "class Point:", "import os", "for x in y:", "return None"]
+    for i, line in enumerate(lines):
+        before = conversation_ids(demo[1], s.messages)
+        s.handle(line)
+        prompt = conversation_ids(demo[1], s.messages[:-1])
+        fresh = mlxmtp.generate(*demo, prompt, max_tokens=12, draft_tokens=draft)
+        assert s.messages[-1]["content"] == fresh.text
+        new = s.last_stats.prompt_tokens - s.last_stats.cached_tokens
+        assert s.last_stats.prompt_tokens == len(prompt)
+        if i:
+            assert new == len(prompt) - len(before) + 1, i
+            assert re.search(rf"\[prompt {new} new \+ {len(prompt) - new} cached tok", echo.err[-1])
+
+
+def test_chat_pipe_reports_reuse(demo):
+    """Through a pipe, as a user runs it: turn 2's stats line reports only the new message (+1) as prefilled."""
+    r = CliRunner().invoke(cli, ["chat", "--max-tokens", "10", "--draft-tokens", "1"], input="import os\nimport sys\n")
+    stats = [line for line in r.stderr.splitlines() if line.startswith("[prompt")]
+    assert r.exit_code == 0 and len(stats) == 2, r.output
+    first = len(demo[1].encode("import os"))
+    assert stats[0].startswith(f"[prompt {first} new + 0 cached tok")
+    new, cached = map(int, re.match(r"\[prompt (\d+) new \+ (\d+) cached", stats[1]).groups())
+    assert new == len(demo[1].encode("\nimport sys", add_special_tokens=False)) + 1 and cached == first + 10 - 1

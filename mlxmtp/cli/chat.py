@@ -6,7 +6,10 @@ Ctrl-C during a reply stops it (the partial reply stays in the conversation); Ct
 line; Ctrl-D or /exit quits. When stdin is not a terminal, messages are read from it line by line, without prompts.
 
 The prompt is the tokenizer's chat template applied to the conversation, or, for a tokenizer without one, the
-conversation's texts concatenated (plain continuation). ``ChatSession`` holds the logic; the I/O is separate.
+conversation's texts, each new message on a new line (plain continuation; conversation.py). Each turn starts from
+the decode state the last one left (prompt_cache.py): only the new message (and the template's glue) is prefilled,
+and the stats line says how many prompt tokens were reused. When the conversation outgrows the context, the oldest
+turns are dropped with a one-line notice. ``ChatSession`` holds the logic; the I/O is separate.
 """
 
 from __future__ import annotations
@@ -19,21 +22,31 @@ from pathlib import Path
 
 import click
 
+from ..conversation import conversation_ids
 from ..errors import MLXMTPError
-from ..generation import stream_generate
+from ..generation import context_length, stream_generate
+from ..prompt_cache import PromptCache, uses_mtp
 from ..sampling import SamplingParams
+from ..speculative import MAX_DRAFT_TOKENS
 from .generate import Command, force_option, load_checked, model_option, parse_draft, sampling_options, stats_line
 
 HISTORY = Path(os.environ.get("MLXMTP_CACHE_DIR", Path.home() / ".cache" / "mlxmtp")) / "chat_history"
 ROLES = ("system", "user", "assistant")
-SETTINGS = {"temp": float, "top_p": float, "top_k": int, "max_tokens": int, "draft": parse_draft}
+
+
+def parse_seed(value: str):
+    """An integer, or 'none' (unseeded)."""
+    return None if value.lower() == "none" else int(value)
+
+
+SETTINGS = {"temp": float, "top_p": float, "top_k": int, "max_tokens": int, "draft": parse_draft, "seed": parse_seed}
 
 HELP = """\
 /help                  this help
 /reset                 start a new conversation
 /stats                 statistics of the last reply
 /set                   show the settings
-/set NAME VALUE        change one: temp, top_p, top_k, max_tokens, draft (N or auto)
+/set NAME VALUE        change one: temp, top_p, top_k, max_tokens, draft (N or auto), seed (N or none)
 /save FILE             write the conversation as JSON
 /load FILE             replace the conversation with one written by /save
 /exit                  quit (or Ctrl-D)
@@ -49,6 +62,8 @@ class ChatSession:
         self.settings = dict(settings)  # temp, top_p, top_k, max_tokens, draft, seed
         self.messages: list[dict] = []
         self.last_stats = None
+        # the last turn's decode state, and for models whose caches cannot trim, the one before (a snapshot)
+        self.cache = PromptCache(model, max_states=2)
 
     def handle(self, line: str) -> bool:
         """Process one input; False when the session should end."""
@@ -58,38 +73,66 @@ class ChatSession:
             self.reply(line)
         return True
 
-    def prompt(self):
-        if self.tokenizer.has_chat_template:
-            return self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        return "".join(m["content"] for m in self.messages)
+    def prompt(self) -> list[int]:
+        return conversation_ids(self.tokenizer, self.messages)
+
+    def fit_context(self) -> list[int]:
+        """The prompt, after dropping the oldest turns (a leading system message stays) until it leaves room for
+        max_tokens (or half the context, if less). Raises ValueError when the new message alone does not fit."""
+        ids, ctx = self.prompt(), context_length(self.model)
+        if ctx is None:
+            return ids
+        room, dropped = min(self.settings["max_tokens"], ctx // 2), 0
+        first = 1 if self.messages[0]["role"] == "system" else 0
+        while len(ids) + room > ctx and len(self.messages) - first > 1:
+            n = 2 if len(self.messages) - first > 2 and self.messages[first + 1]["role"] == "assistant" else 1
+            del self.messages[first : first + n]
+            dropped += n
+            ids = self.prompt()
+        if len(ids) >= ctx:
+            raise ValueError(f"the message makes a prompt of {len(ids)} tokens; the model's context is {ctx}")
+        if dropped:
+            self.echo(f"(context full: dropped the {dropped} oldest messages; /reset starts over)", err=True)
+        return ids
 
     def reply(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
+        kept = list(self.messages)
         s, parts, stats = self.settings, [], None
+        try:
+            ids = self.fit_context()
+        except ValueError as e:
+            self.messages = kept[:-1]
+            self.echo(f"error: {e}", err=True)
+            return
         seed = None if s["seed"] is None else s["seed"] + len(self.messages)
-        steps = stream_generate(self.model, self.tokenizer, self.prompt(), max_tokens=s["max_tokens"],
-                                temperature=s["temp"], top_p=s["top_p"], top_k=s["top_k"], draft_tokens=s["draft"],
-                                seed=seed)
+        state = self.cache.fetch(ids, uses_mtp(self.model, s["draft"]))
+        steps = stream_generate(self.model, self.tokenizer, ids, max_tokens=s["max_tokens"], temperature=s["temp"],
+                                top_p=s["top_p"], top_k=s["top_k"], draft_tokens=s["draft"], seed=seed, state=state)
         try:
             for inc in steps:
                 self.echo(inc.text, nl=False)
                 parts.append(inc.text)
                 stats = inc.stats
             note = {"length": " (max_tokens reached)", "context": " (context full)"}.get(inc.finish_reason, "")
-        except ValueError as e:  # e.g. the conversation no longer fits the context
-            self.messages.pop()
+        except ValueError as e:
+            self.messages = kept[:-1]
             self.echo(f"error: {e}", err=True)
             return
         except KeyboardInterrupt:
             steps.close()
             note = " (stopped)"
+        finally:
+            self.cache.store(state)  # dropped there if Ctrl-C came in the middle of a pass
         self.echo()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
         self.last_stats = stats
         if stats is not None:
             acc = f"acceptance {stats.acceptance_rate:.0%}" if stats.drafted else "no drafts"
-            self.echo(f"[{stats.decode_tokens_per_s:.1f} tok/s | tau {stats.mean_accepted_length:.2f} | {acc} | "
-                      f"{stats.generated_tokens} tokens{note}]", err=True)
+            self.echo(f"[prompt {stats.prompt_tokens - stats.cached_tokens} new + {stats.cached_tokens} cached tok, "
+                      f"prefill {stats.prefill_tokens_per_s:.1f} tok/s | decode {stats.decode_tokens_per_s:.1f} tok/s | "
+                      f"tau {stats.mean_accepted_length:.2f} | {acc} | {stats.generated_tokens} tokens{note}]",
+                      err=True)
         elif note:
             self.echo(f"[{note.strip()}]", err=True)
 
@@ -112,6 +155,7 @@ class ChatSession:
 
     def cmd_reset(self, arg):
         self.messages, self.last_stats = [], None
+        self.cache.clear()
         self.echo("(new conversation)")
 
     def cmd_stats(self, arg):
@@ -131,6 +175,8 @@ class ChatSession:
         SamplingParams(new["temp"], new["top_p"], new["top_k"])  # validates
         if new["max_tokens"] < 1:
             raise ValueError("max_tokens must be >= 1")
+        if new["draft"] != "auto" and new["draft"] > MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft must be 'auto' or from 0 to {MAX_DRAFT_TOKENS}")
         self.settings = new
         self.echo(f"{key}={new[key]}")
 
@@ -138,7 +184,14 @@ class ChatSession:
         if not arg:
             raise ValueError("usage: /save FILE")
         path = Path(arg).expanduser()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if not path.parent.is_dir():
+            raise MLXMTPError(f"cannot save to {arg}: no directory {path.parent}")
+        if path.is_dir():
+            raise MLXMTPError(f"cannot save to {arg}: it is a directory")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise MLXMTPError(f"cannot save to {arg}: {e.strerror}") from None
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"messages": self.messages}, f, indent=1, ensure_ascii=False)
@@ -155,6 +208,8 @@ class ChatSession:
             data = json.loads(Path(arg).expanduser().read_text())
         except ValueError as e:
             raise MLXMTPError(f"{arg} is not a JSON file ({e})") from None
+        except OSError as e:
+            raise MLXMTPError(f"cannot read {arg}: {e.strerror}") from None
         msgs = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(msgs, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
