@@ -10,7 +10,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models import switch_layers
+
+from . import moe_dispatch
 
 __all__ = [
     "RMSNorm",
@@ -131,6 +133,14 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwitchGLU(switch_layers.SwitchGLU):
+    """mlx-lm's SwitchGLU (same parameters and checkpoint layout, quantizes the same way) whose calls go through
+    moe_dispatch: small verify / draft batches read each expert in the union of the routed experts once."""
+
+    def __call__(self, x, indices):
+        return moe_dispatch.switch_glu(self, x, indices, super().__call__)
 
 
 def softmax_topk(gate_logits: mx.array, top_k: int, norm_topk_prob: bool):

@@ -1,0 +1,1 @@
+"""Custom Metal kernels for the verify pass, each beside the pure-MLX reference path it must match (README.md)."""
