@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plain decoding, MTP at k = 1..4 and auto, and mlx-lm's own generate on one model and one prompt set, interleaved
 and repeated in a single run (harness: mlxmtp/bench.py); prints the table and writes JSON with every run, the
-medians and the ratios to plain decoding.
+medians and the ratios to plain decoding (Ctrl-C: of the runs that finished, then exit 130).
 
     python benchmarks/bench_mtp.py                                  # the bundled demo model
     python benchmarks/bench_mtp.py --model PATH --suite spec_bench_mini --repeats 5 --out bench.json
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench_mtp.json"))
     ap.add_argument("--force-load", action="store_true")
     args = ap.parse_args()
+    interrupted = False
     try:
         settings = bench.parse_settings(args.draft_tokens, mlx_lm=not args.no_mlx_lm)
         path, model, tokenizer = load_checked(args.model, args.force_load)
@@ -40,9 +41,17 @@ def main() -> None:
                                               repeats=args.repeats, max_tokens=args.max_tokens, model_path=path)}
     except (MLXMTPError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except bench.Interrupted as stop:
+        report, interrupted = {"suite": suite, **stop.report}, True
+    except KeyboardInterrupt:  # before any run finished: nothing to keep
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     bench.print_report(report)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
+    if interrupted:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

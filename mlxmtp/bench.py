@@ -13,7 +13,11 @@ route to; a draft step reads its MTP module's dense weights, the output head it 
 experts. Bytes are at the checkpoint's precision (config torch_dtype; quantized weights as stored), i.e. what a
 Mac loads, not the float32 copy the CPU back end runs; embedding lookups (a few rows) and the KV cache are not
 counted. bandwidth / (bytes per token) gives the projected tokens/s at 819, 546 and 273 GB/s: an upper bound for
-memory-bound decoding on such a machine, not a measurement.
+memory-bound decoding on such a machine, not a measurement. It is reported only from MIN_PROJECTED_BYTES per token
+up: below that (a toy model like the demo) per-token host overhead, not bandwidth, bounds decoding, and a
+"123k tok/s" projection means nothing.
+
+Ctrl-C during the runs raises Interrupted, which carries the report of the runs that finished.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import re
 import statistics
 import sys
 import sysconfig
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -38,12 +43,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .errors import MLXMTPError
 from .generation import context_length, stream_generate
+from .speculative import MAX_DRAFT_TOKENS
 
 BANDWIDTHS = {"M3 Ultra": 819, "M4 Max": 546, "M4 Pro": 273}  # GB/s (field-notes.md)
+# Weight bytes per token below which no bandwidth projection is shown: 0.5 GB (a 1B model at 4 bits) takes 0.6 ms
+# at 819 GB/s, the order of MLX's per-token host overhead (graph building, kernel launches; an assumption, not
+# measured here), so a smaller model is overhead-bound and its projection is not a speed anyone will see.
+MIN_PROJECTED_BYTES = 0.5e9
 SUITES = Path(__file__).parent / "bench_suites"
 PROMPT_LINES = 40  # stdlib_code: the first lines of a held-out function
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -60,8 +69,8 @@ def parse_settings(spec: str, mlx_lm: bool = False) -> list[Setting]:
     """'0,1,2,auto' -> settings, plain decoding first (added when missing)."""
     depths = []
     for item in (s.strip() for s in spec.split(",")):
-        if item != "auto" and not item.isdigit():
-            raise ValueError(f"--draft-tokens: {item!r} is not an integer >= 0 or 'auto'")
+        if item != "auto" and not (item.isdigit() and int(item) <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"--draft-tokens: {item!r} is not an integer from 0 to {MAX_DRAFT_TOKENS} or 'auto'")
         k = item if item == "auto" else int(item)
         if k not in depths:
             depths.append(k)
@@ -161,6 +170,8 @@ class WeightTraffic:
     off. ``reset()`` after the prefill, ``summary(n)`` after a generation that emitted n tokens past the prefill's."""
 
     def __init__(self, model):
+        from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear  # mlx-lm: only when benchmarking
+
         self.model = model
         cfg = model.config
         itemsize = _ITEMSIZE.get(cfg.get("torch_dtype") or cfg.get("dtype"))
@@ -325,23 +336,42 @@ def run(model, tokenizer, prompts: list[dict], settings: list[Setting], *, repea
 
     total = repeats * len(prompts) * len(settings)
     runs = []
-    with WeightTraffic(model) as traffic, _progress(total, progress) as advance:
-        for s in settings:  # warm-up (and, for auto, the one-off cost measurement)
-            once(s, encoded[0][0], min(max_tokens, 8))
-        for r in range(repeats):
-            for i, (item, (ids, truncated)) in enumerate(zip(prompts, encoded)):
-                for j in range(len(settings)):
-                    s = settings[(i + r + j) % len(settings)]
-                    t0 = time.perf_counter()
-                    rec = once(s, ids, max_tokens)
-                    runs.append({"setting": s.name, "repeat": r, "prompt_id": item["id"],
-                                 "category": item["category"], "prompt_truncated": truncated,
-                                 "wall_s": time.perf_counter() - t0, **rec})
-                    advance(f"{s.name} · {item['id']}")
-    return {"model": str(model_path) if model_path else None, "model_type": model.config.get("model_type"),
-            "mtp_modules": model.num_mtp_modules, "settings": [asdict(s) for s in settings], "repeats": repeats,
-            "max_tokens": max_tokens, "prompts": len(prompts), "categories": sorted({p["category"] for p in prompts}),
-            "machine": machine_info(), "runs": runs, "summary": summarize(runs, settings)}
+
+    def report(interrupted: bool) -> dict:
+        done = [s for s in settings if any(r["setting"] == s.name for r in runs)]
+        return {"model": str(model_path) if model_path else None, "model_type": model.config.get("model_type"),
+                "mtp_modules": model.num_mtp_modules, "settings": [asdict(s) for s in settings],
+                "repeats": repeats, "max_tokens": max_tokens, "prompts": len(prompts),
+                "categories": sorted({p["category"] for p in prompts}), "machine": machine_info(),
+                "interrupted": interrupted, "runs_planned": total, "runs": runs, "summary": summarize(runs, done)}
+
+    try:
+        with WeightTraffic(model) as traffic, _progress(total, progress) as advance:
+            for s in settings:  # warm-up (and, for auto, the one-off cost measurement)
+                once(s, encoded[0][0], min(max_tokens, 8))
+            for r in range(repeats):
+                for i, (item, (ids, truncated)) in enumerate(zip(prompts, encoded)):
+                    for j in range(len(settings)):
+                        s = settings[(i + r + j) % len(settings)]
+                        t0 = time.perf_counter()
+                        rec = once(s, ids, max_tokens)
+                        runs.append({"setting": s.name, "repeat": r, "prompt_id": item["id"],
+                                     "category": item["category"], "prompt_truncated": truncated,
+                                     "wall_s": time.perf_counter() - t0, **rec})
+                        advance(f"{s.name} · {item['id']}")
+    except KeyboardInterrupt:
+        if not runs:
+            raise
+        raise Interrupted(report(interrupted=True)) from None
+    return report(interrupted=False)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during bench.run; ``report`` holds the runs that finished (``"interrupted": true``)."""
+
+    def __init__(self, report: dict):
+        super().__init__()
+        self.report = report
 
 
 @contextmanager
@@ -380,6 +410,8 @@ def _median_tps(runs):
 
 
 def summarize(runs: list[dict], settings: list[Setting]) -> dict:
+    if not settings:
+        return {}
     plain = [r for r in runs if r["setting"] == settings[0].name]
     base = _median_tps(plain)
     paired_base = {(r["repeat"], r["prompt_id"]): r["decode_tokens_per_s"] for r in plain}
@@ -402,8 +434,9 @@ def summarize(runs: list[dict], settings: list[Setting]) -> dict:
             experts = [r["experts_per_moe_layer_pass"] for r in counted if r["experts_per_moe_layer_pass"]]
             entry["weight_bytes_per_token"] = per_token
             entry["experts_per_moe_layer_pass"] = statistics.mean(experts) if experts else None
-            entry["projected_tokens_per_s"] = {f"{bw} GB/s ({chip})": bw * 1e9 / per_token
-                                               for chip, bw in BANDWIDTHS.items()}
+            if per_token >= MIN_PROJECTED_BYTES:
+                entry["projected_tokens_per_s"] = {f"{bw} GB/s ({chip})": bw * 1e9 / per_token
+                                                   for chip, bw in BANDWIDTHS.items()}
         out[s.name] = entry
     return out
 
@@ -433,17 +466,24 @@ def print_report(report: dict, console=None) -> None:
     bws = sorted(BANDWIDTHS.items(), key=lambda x: -x[1])
     title = f"{report['model']}: {report['prompts']} prompts x {report['repeats']} repeats, " \
             f"max {report['max_tokens']} tokens, greedy"
-    t = Table(box=box.SIMPLE_HEAD, title=title,
-              caption="@N: projected tok/s at N GB/s = N / weight bytes read per token (upper bound, not measured)")
-    for col in ["setting", "tok/s", "x plain", "tau", "accept", "by depth", "MB/tok"] + [f"@{bw}" for _, bw in bws]:
+    projected = any("projected_tokens_per_s" in e for e in summary.values())
+    caption = ("bound@N: projected tok/s at N GB/s = N / weight bytes read per token (an upper bound for a Mac with "
+               "that bandwidth, not measured)" if projected else None)
+    t = Table(box=box.SIMPLE_HEAD, title=title, caption=caption)
+    columns = ["setting", "tok/s", "x plain", "tau", "accept", "by depth", "MB/tok"]
+    for col in columns + [f"bound@{bw}" for _, bw in bws] * projected:
         t.add_column(col, justify="left" if col in ("setting", "by depth") else "right")
     for name, e in summary.items():
+        bounds = [_si(e.get("projected_tokens_per_s", {}).get(f"{bw} GB/s ({chip})")) for chip, bw in bws]
         t.add_row(name, f"{e['decode_tokens_per_s_median']:.1f}", _fmt(e["ratio_vs_plain"], "{:.2f}"),
                   f"{e['tau']:.2f}", _fmt(e.get("acceptance_rate") if e.get("drafted") else None, "{:.0%}"),
                   " ".join(f"{a:.0%}" for a in e.get("acceptance_by_depth", [])),
                   _fmt(e.get("weight_bytes_per_token") and e["weight_bytes_per_token"] / 1e6, "{:.2f}"),
-                  *[_si(e.get("projected_tokens_per_s", {}).get(f"{bw} GB/s ({chip})")) for chip, bw in bws])
+                  *bounds * projected)
     console.print(t)
+    if report.get("interrupted"):
+        console.print(f"Interrupted: {len(report['runs'])} of {report['runs_planned']} runs finished; the figures "
+                      "are over those.")
     mtp = [n for n, e in summary.items() if e["backend"] == "mlxmtp" and e["draft_tokens"] != 0]
     if mtp:
         c = Table(box=box.SIMPLE_HEAD, title="tau by prompt category")
@@ -453,6 +493,9 @@ def print_report(report: dict, console=None) -> None:
         for cat in report["categories"]:
             c.add_row(cat, *[_fmt(summary[n]["by_category"].get(cat, {}).get("tau"), "{:.2f}") for n in mtp])
         console.print(c)
+    if not projected and any("weight_bytes_per_token" in e for e in summary.values()):
+        console.print(f"No bandwidth projection: under {MIN_PROJECTED_BYTES / 1e9:.1f} GB of weights read per token, "
+                      "per-token overhead, not memory bandwidth, bounds decoding.")
     console.print("On a Linux CPU absolute tokens/s are noise; compare the ratios to plain decoding.")
 
 
@@ -473,7 +516,8 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MLXMTPError("--plot needs matplotlib: pip install 'mlxmtp[plot]'") from None
+        # `pip install 'mlxmtp[plot]'` only works for an install from an index, not from a clone
+        raise MLXMTPError("--plot needs matplotlib: pip install matplotlib") from None
     return plt
 
 
@@ -484,7 +528,7 @@ def plot(report: dict, path: Path) -> None:
     fixed = sorted((e["draft_tokens"], e) for e in summary.values()
                    if e["backend"] == "mlxmtp" and e["draft_tokens"] != "auto")
     ks = [k for k, _ in fixed]
-    fig, (ax_tps, ax_tau) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_tps, ax_tau) = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
     ax_tps.plot(ks, [e["decode_tokens_per_s_median"] for _, e in fixed], "o-", label="mlxmtp, fixed k")
     ax_tau.plot(ks, [e["tau"] for _, e in fixed], "o-", label="mlxmtp, fixed k")
     for name, e in summary.items():
@@ -498,7 +542,7 @@ def plot(report: dict, path: Path) -> None:
     for ax in (ax_tps, ax_tau):
         ax.set_xticks(ks)
         ax.legend()
-    fig.suptitle(f"{report['model']} ({report['machine']['device']}, {report['machine']['blas']})", fontsize=9)
-    fig.tight_layout()
+    title = f"{Path(report['model'] or 'model').name}: {report['machine']['device']}, {report['machine']['blas']}"
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)  # constrained layout keeps it inside the figure
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .. import bench
-from .generate import Command, force_option, load_checked, model_option
+from .generate import Command, force_option, load_checked, model_option, note_plain_decoding
 
 
 @click.command(cls=Command)
@@ -31,17 +31,27 @@ def command(model, draft, suite, repeats, max_tokens, json_out, plot, mlx_lm, fo
     """Benchmark MTP decoding against plain decoding on a prompt suite (greedy, batch 1).
 
     Settings run interleaved and repeated on the same prompts. Prints median decode tokens/s and the ratio to
-    plain decoding, tau and acceptance (per depth, per category), the weight bytes read per token and the tokens/s
-    that 819 / 546 / 273 GB/s would allow (projections, not measurements).
+    plain decoding, tau and acceptance (per depth, per category), the weight bytes read per token and, for a model
+    big enough to be bandwidth-bound, the tokens/s that 819 / 546 / 273 GB/s would allow (projections, not
+    measurements). Ctrl-C stops it and still prints and writes what the finished runs measured.
     """
     settings = bench.parse_settings(draft, mlx_lm)
     if plot is not None:
         bench.pyplot()  # fail before a long run, not after it
     path, m, tokenizer = load_checked(model, force_load)
+    note_plain_decoding(path, m, [s.draft_tokens for s in settings])
     suite = suite or bench.default_suite(path)
     prompts = bench.load_suite(suite, path)
-    report = {"suite": suite, **bench.run(m, tokenizer, prompts, settings, repeats=repeats, max_tokens=max_tokens,
-                                          model_path=path)}
+    try:
+        report = {"suite": suite, **bench.run(m, tokenizer, prompts, settings, repeats=repeats,
+                                              max_tokens=max_tokens, model_path=path)}
+    except bench.Interrupted as stop:
+        write({"suite": suite, **stop.report}, json_out, plot)
+        raise
+    write(report, json_out, plot)
+
+
+def write(report: dict, json_out, plot) -> None:
     bench.print_report(report)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1))

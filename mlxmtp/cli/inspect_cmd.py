@@ -7,6 +7,8 @@ import json
 
 import click
 
+from .generate import Command, model_option
+
 COMPONENTS = {"trunk": "trunk", "mtp": "MTP", "embed_head": "embedding+head"}
 
 
@@ -58,10 +60,11 @@ def render(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
-@click.command("inspect")
-@click.argument("model", required=False)
+@click.command("inspect", cls=Command)
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--context", type=int, default=4096, show_default=True, help="Tokens of KV cache to budget for.")
+@click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens of KV cache to budget for.")
 def command(model, as_json, context):
     """Describe MODEL (a checkpoint directory or hub repo id; default: the bundled demo model) from its config and
     safetensors headers: family, MTP modules, precision, parameters, memory needed and whether it fits here."""
