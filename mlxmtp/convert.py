@@ -132,6 +132,17 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _no_buffer_cache():
+    """Free each tensor's memory as soon as it is written: MLX otherwise keeps freed buffers for reuse, which a
+    conversion (every tensor a different size, used once) never gets."""
+    previous = mx.set_cache_limit(0)
+    try:
+        yield
+    finally:
+        mx.set_cache_limit(previous)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -281,7 +292,7 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, grou
     config = json.loads((path / "config.json").read_text())  # as published: text_config stays nested
     dtype = dtype or source_dtype(config)
 
-    with sigterm_as_interrupt(), _progress(show_progress) as progress:
+    with sigterm_as_interrupt(), _no_buffer_cache(), _progress(show_progress) as progress:
         tmp = open_partial(out)
         try:
             # Lazy: this reads the safetensors headers only; every size below is known before any weight is read.

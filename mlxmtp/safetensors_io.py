@@ -57,7 +57,8 @@ def read_header(path: Path) -> dict:
 def load_file(path: Path) -> dict[str, mx.array]:
     """All tensors of one file as lazy MLX arrays: mx.load reads nothing until a tensor is evaluated, and then only
     that tensor's bytes, so a checkpoint is never in memory at once. FP8 E4M3 tensors (which mx.load returns as
-    their uint8 codes) are decoded to float32 by mx.from_fp8, lazily too, still scaled (see dequantize_fp8)."""
+    their uint8 codes) are decoded exactly to bfloat16 by mx.from_fp8, lazily too, still scaled (see
+    dequantize_fp8)."""
     header = read_header(path)
     odd = next((k for k, t in header.items() if t["dtype"] == "F8_E5M2"), None)
     if odd is not None:
@@ -67,8 +68,8 @@ def load_file(path: Path) -> dict[str, mx.array]:
     except Exception as e:  # noqa: BLE001 - any failure here is a broken file
         raise CheckpointError(f"{path.name}: cannot read safetensors file ({e})") from None
     for k, t in header.items():
-        if t["dtype"] == "F8_E4M3":
-            arrays[k] = mx.from_fp8(arrays[k], mx.float32)
+        if t["dtype"] == "F8_E4M3":  # every E4M3 value is exactly a bfloat16 value: half float32's memory
+            arrays[k] = mx.from_fp8(arrays[k], mx.bfloat16)
     return arrays
 
 
@@ -117,6 +118,13 @@ def dequantize_fp8(weights: dict[str, mx.array], dtype=mx.bfloat16) -> dict[str,
         if tuple(scale.shape) != blocks:
             raise CheckpointError(f"scale {name!r} has shape {tuple(scale.shape)}, expected {blocks} "
                                   f"(one per {_FP8_BLOCK}x{_FP8_BLOCK} block of {wname!r})")
-        s = mx.repeat(mx.repeat(scale, _FP8_BLOCK, axis=0), _FP8_BLOCK, axis=1)[:rows, :cols]
-        weights[wname] = (w.astype(mx.float32) * s).astype(dtype)
+        # float32 products, one rounding to dtype. Where the blocks tile the weight, the scale is broadcast over
+        # [rows/128, 128, cols/128, 128] rather than repeated to the weight's size (less transient memory).
+        if rows % _FP8_BLOCK == 0 and cols % _FP8_BLOCK == 0:
+            blocked = w.reshape(blocks[0], _FP8_BLOCK, blocks[1], _FP8_BLOCK)
+            deq = (blocked * scale.astype(mx.float32)[:, None, :, None]).reshape(rows, cols)
+        else:
+            s = mx.repeat(mx.repeat(scale, _FP8_BLOCK, axis=0), _FP8_BLOCK, axis=1)[:rows, :cols]
+            deq = w.astype(mx.float32) * s
+        weights[wname] = deq.astype(dtype)
     return weights
