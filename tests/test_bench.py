@@ -1,5 +1,6 @@
 """The benchmark harness (mlxmtp/bench.py) and `mlxmtp bench` on a tiny DeepSeek-V3 checkpoint: interleaving,
-summaries, the JSON report with its bandwidth projections, the expert-union weight-traffic count, suites."""
+summaries, the JSON report, bandwidth projections (only for bandwidth-bound sizes), the expert-union weight-traffic
+count, suites, Ctrl-C keeping the finished runs, the plot."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
+from rich.console import Console
 
 import mlxmtp
 from mlxmtp import bench, tuning
@@ -41,8 +43,10 @@ def test_bench_cli_writes_json(ckpt, tmp_path):
     r = CliRunner().invoke(cli, ["bench", "-m", str(ckpt), "--repeats", "1", "--max-tokens", "8", "--draft-tokens",
                                  "auto,2,0,1", "--json", str(out)])
     assert r.exit_code == 0, r.output
-    assert "tok/s" in r.stdout and "projected" in r.stdout
+    assert "tok/s" in r.stdout and "bound@" not in r.stdout  # a toy model: no bandwidth projection ...
+    assert "No bandwidth projection: under 0.5 GB of weights read per token" in r.stdout  # ... and why not
     report = json.loads(out.read_text())
+    assert report["interrupted"] is False and len(report["runs"]) == report["runs_planned"]
     names = ["plain", "k=1", "k=2", "auto"]
     assert [s["name"] for s in report["settings"]] == names and report["suite"] == "spec_bench_mini"
     assert report["machine"]["blas"] == mlxmtp.blas.blas_in_use() and report["machine"]["mlx"] == mx.__version__
@@ -55,13 +59,50 @@ def test_bench_cli_writes_json(ckpt, tmp_path):
     for name in names:
         e = s[name]
         assert set(e["by_category"]) == set(report["categories"])
-        assert e["weight_bytes_per_token"] > 0
-        assert list(e["projected_tokens_per_s"]) == ["819 GB/s (M3 Ultra)", "546 GB/s (M4 Max)", "273 GB/s (M4 Pro)"]
-        assert e["projected_tokens_per_s"]["819 GB/s (M3 Ultra)"] == pytest.approx(819e9 / e["weight_bytes_per_token"])
+        assert 0 < e["weight_bytes_per_token"] < bench.MIN_PROJECTED_BYTES and "projected_tokens_per_s" not in e
     assert len(s["k=2"]["acceptance_by_depth"]) == 2 and s["k=2"]["drafted"] == 2 * s["k=2"]["verify_passes"]
     # verify passes of 2-3 tokens read the union of their experts: more than top-k, at most all of them
     assert s["plain"]["experts_per_moe_layer_pass"] == 2
     assert 2 < s["k=2"]["experts_per_moe_layer_pass"] <= 6
+
+
+def fake_run(setting, weight_bytes, repeat=0):
+    return {"setting": setting, "repeat": repeat, "prompt_id": "p", "category": "code", "decode_tokens_per_s": 10.0,
+            "target_forwards": 10, "drafted": 0, "accepted": 0, "acceptance_by_depth": [],
+            "weight_bytes": weight_bytes * 10, "decode_tokens": 10, "experts_per_moe_layer_pass": None}
+
+
+def test_projection_only_for_bandwidth_bound_sizes():
+    settings = bench.parse_settings("0")
+    big = bench.summarize([fake_run("plain", 4e9)], settings)["plain"]  # 4 GB per token: an 8B model at 4 bits
+    assert list(big["projected_tokens_per_s"]) == ["819 GB/s (M3 Ultra)", "546 GB/s (M4 Max)", "273 GB/s (M4 Pro)"]
+    assert big["projected_tokens_per_s"]["819 GB/s (M3 Ultra)"] == pytest.approx(819e9 / 4e9)
+    assert "projected_tokens_per_s" not in bench.summarize([fake_run("plain", 0.4e9)], settings)["plain"]
+    console = Console(record=True, width=200)
+    bench.print_report({"model": "m", "prompts": 1, "repeats": 1, "max_tokens": 10, "categories": ["code"],
+                        "summary": {"plain": big}}, console=console)
+    text = console.export_text()
+    assert "bound@819" in text and " 205 " in text and "an upper bound for a Mac with" in text
+
+
+def test_ctrl_c_keeps_the_finished_runs(ckpt, tmp_path, monkeypatch):
+    calls, real = [], bench._run_mlxmtp
+
+    def interrupted_after_five(*args, **kwargs):  # 2 warm-ups, then 3 measured runs
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_run_mlxmtp", interrupted_after_five)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli, ["bench", str(ckpt), "--repeats", "2", "--max-tokens", "4", "--draft-tokens", "1",
+                                 "--suite", "spec_bench_mini", "--json", str(out)])
+    assert r.exit_code == 130 and r.stderr.strip().splitlines()[-1] == "interrupted", r.output
+    assert "Interrupted: 3 of " in r.stdout and "tok/s" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True and len(report["runs"]) == 3 and report["runs_planned"] > 3
+    assert set(report["summary"]) == {r["setting"] for r in report["runs"]} and "plain" in report["summary"]
 
 
 def test_interleaved_with_mlx_lm(loaded, ckpt):
@@ -87,6 +128,7 @@ def test_weight_traffic(loaded):
     dense = sum(p.size * 4 for n, p in tree_flatten(model.parameters())
                 if n not in experts and not n.startswith(("mtp.", "model.embed_tokens.")))
     per_expert = sum(p.size * 4 for n, p in experts.items() if not n.startswith("mtp.")) / (8 * 2)
+    types = [type(m) for m in modules]
     traffic = bench.WeightTraffic(model)
     assert traffic.dense["trunk"] == dense
     with traffic:
@@ -102,7 +144,7 @@ def test_weight_traffic(loaded):
     assert 2 <= four["experts_per_moe_layer_pass"] <= 8 and four["verify_passes"] == 1
     assert four["weight_bytes"] == dense + four["experts_per_moe_layer_pass"] * 2 * per_expert
     # off: the model is exactly as before (no recording class, no wrapped methods)
-    assert len(modules) == 3 * 4 and all(type(m) in (SwitchGLU, SwitchLinear) for m in modules)
+    assert len(modules) == 3 * 4 and [type(m) for m in modules] == types
     assert "trunk" not in vars(model) and "mtp_forward" not in vars(model)
 
 
@@ -115,7 +157,8 @@ def test_parse_settings():
 
 
 @pytest.mark.parametrize("args,words", [(["--draft-tokens", "1,banana"], "banana"), (["--repeats", "0"], "--repeats"),
-                                        (["--suite", "nope"], "unknown suite"), (["--max-tokens", "300"], "context")])
+                                        (["--suite", "nope"], "unknown suite"), (["--max-tokens", "300"], "context"),
+                                        (["--draft-tokens", "0,9"], "from 0 to 8")])
 def test_bench_bad_input(ckpt, args, words):
     r = CliRunner().invoke(cli, ["bench", "-m", str(ckpt), *args])
     assert r.exit_code != 0 and isinstance(r.exception, SystemExit)
@@ -126,7 +169,35 @@ def test_bench_bad_input(ckpt, args, words):
 def test_plot_without_matplotlib(ckpt, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     r = CliRunner().invoke(cli, ["bench", "-m", str(ckpt), "--plot", str(tmp_path / "p.png")])
-    assert r.exit_code == 1 and r.stderr.strip() == "error: --plot needs matplotlib: pip install 'mlxmtp[plot]'"
+    assert r.exit_code == 1 and r.stderr.strip() == "error: --plot needs matplotlib: pip install matplotlib"
+
+
+def test_plot_title_inside_the_figure(tmp_path):
+    pytest.importorskip("matplotlib")  # the optional [plot] extra
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    saved = {}
+    monkey = Figure.savefig
+
+    def keep(fig, path, **kwargs):
+        monkey(fig, path, **kwargs)
+        saved["fig"] = fig
+
+    Figure.savefig = keep
+    try:
+        summary = {"plain": {**bench.summarize([fake_run("plain", 1e6)], bench.parse_settings("0"))["plain"]}}
+        machine = {"device": "Device(cpu, 0)", "blas": "OpenBLAS (/usr/lib/x86_64-linux-gnu/openblas-pthread/x.so)"}
+        bench.plot({"model": "/a/path/" + "a-long-model-name-" * 12, "machine": machine, "summary": summary},
+                   tmp_path / "p.png")
+    finally:
+        Figure.savefig = monkey
+    canvas = FigureCanvasAgg(saved["fig"])  # plot() closed the figure; draw it again as it was saved
+    canvas.draw()
+    box = saved["fig"]._suptitle.get_window_extent(canvas.get_renderer())
+    width, height = canvas.get_width_height()
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height
 
 
 def test_stdlib_code_suite(tmp_path, loaded):

@@ -30,3 +30,22 @@ def test_too_late_after_mlx_import_is_reported_honestly():
     assert not out.startswith("OpenBLAS")
     if sys.platform == "linux":
         assert "imported before mlxmtp" in out
+
+
+def test_reference_blas_hint(monkeypatch):
+    from mlxmtp import blas
+
+    monkeypatch.setattr(blas.sys, "platform", "linux")
+    monkeypatch.delenv("MLXMTP_NO_OPENBLAS", raising=False)
+    monkeypatch.setattr(blas, "_loaded", OPENBLAS_CANDIDATES[0])
+    assert blas.reference_blas_hint() is None  # OpenBLAS in use
+    monkeypatch.setattr(blas, "_loaded", None)
+    monkeypatch.setattr(blas, "_too_late", False)
+    assert "apt-get install libopenblas0-pthread" in blas.reference_blas_hint()
+    monkeypatch.setattr(blas, "_too_late", True)
+    assert "imported before mlxmtp" in blas.reference_blas_hint()
+    monkeypatch.setenv("MLXMTP_NO_OPENBLAS", "1")
+    assert blas.reference_blas_hint() is None  # asked for
+    monkeypatch.setattr(blas.sys, "platform", "darwin")
+    monkeypatch.delenv("MLXMTP_NO_OPENBLAS")
+    assert blas.reference_blas_hint() is None  # Accelerate

@@ -126,6 +126,20 @@ def test_default_model_and_text_output(deepseek, monkeypatch):
         assert text in r.stdout, text
 
 
+@pytest.mark.parametrize("args,words", [(["--context", "-5"], "--context"), (["--context", "0"], "--context"),
+                                        (["--bogus"], "--bogus")])
+def test_bad_flags(deepseek, args, words):
+    r = run("inspect", deepseek, *args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+
+
+def test_model_as_option(deepseek):
+    assert json.loads(run("inspect", "-m", deepseek, "--json").stdout) == json.loads(run("inspect", deepseek,
+                                                                                          "--json").stdout)
+
+
 @pytest.mark.parametrize("how,message", [("missing", "does not exist"), ("no config", "no config.json"),
                                          ("truncated", "model.safetensors is truncated"),
                                          ("unknown model_type", "unsupported model_type 'llama9'")])
