@@ -18,8 +18,6 @@ from .speculative import MAX_DRAFT_TOKENS, DecodeState, RoundStats, decode
 from .tuning import DepthPolicy, measure_costs
 
 AUTO_MAX_DEPTH = 4
-# Auto drafting stops early when the drafter's top probability falls below this.
-AUTO_MIN_DRAFT_PROB = 0.1
 
 
 @dataclass
@@ -35,6 +33,8 @@ class GenerationStats:
     acceptance_rate: float = 0.0
     mean_accepted_length: float = 0.0
     acceptance_by_depth: list = field(default_factory=list)
+    syncs_per_round: float = 0.0  # host synchronisations per decoding round (1 on the device path)
+    rounds_by_depth: list = field(default_factory=list)  # rounds_by_depth[k]: rounds that drafted k (what auto chose)
     peak_memory_gb: float = 0.0
 
     def to_dict(self) -> dict:
@@ -124,7 +124,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     t_first = None
     finish = None
     steps = decode(model, ids, params, draft_tokens=draft_tokens, policy=policy, seed=seed, stats=rounds,
-                   min_draft_prob=AUTO_MIN_DRAFT_PROB if draft_tokens == "auto" else 0.0, state=state)
+                   state=state)
     for new in steps:
         if t_first is None:
             t_first = time.perf_counter()
@@ -170,6 +170,9 @@ def _fill_stats(stats: GenerationStats, rounds: RoundStats, tokens: list, t_star
     stats.acceptance_rate = rounds.accepted / rounds.drafted if rounds.drafted else 0.0
     stats.mean_accepted_length = 1 + rounds.accepted / rounds.target_forwards if rounds.target_forwards else 0.0
     stats.acceptance_by_depth = [a / d for a, d in zip(rounds.accepted_by_depth, rounds.drafted_by_depth)]
+    stats.rounds_by_depth = list(rounds.rounds_by_k)
+    # the prefill's first token takes one synchronisation of its own
+    stats.syncs_per_round = (rounds.syncs - 1) / rounds.target_forwards if rounds.target_forwards else 0.0
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
 
 

@@ -1,18 +1,43 @@
-"""Logits -> the final sampling distribution, and the exact speculative acceptance rule.
+"""Logits -> the final sampling distribution, and the exact speculative acceptance rule, at the speed of the device.
 
-Both the target's and the drafter's logits go through the same ``SamplingParams.distribution`` (temperature,
-top-k, top-p), so the rejection sampler compares the distributions the user actually asked for.
-Randomness comes from one seeded ``numpy.random.Generator`` per generation, so seeded runs are reproducible.
+``SamplingParams.distribution`` is the float64 reference (temperature, top-k, top-p, in that order, as HF's and
+mlx-lm's samplers apply them); tests compare against it. Decoding uses a ``Sampler``, which computes the same
+distributions and applies the acceptance rule without copying a [rows, vocab] array anywhere:
+
+- "mlx" backend (the Metal path): drafts, the target's and drafter's distributions, the acceptance test, the
+  residual and the bonus token are all device arrays; a round hands back only [accepted count, next token,
+  drafts] in one synchronisation.
+- "numpy" backend (MLX's CPU back end, where exp / sort / categorical over a vocabulary are several times slower
+  than numpy's; linux-cpu.md): the same rule on zero-copy numpy views of the evaluated logits (CPU memory is the
+  device's), one synchronisation per sampled row.
+Greedy decoding is an argmax on the device in both (MLX's argmax is fast enough everywhere).
+
+Truncation without a full sort: top-k's threshold comes from a partial selection; top-p works on a candidate set
+(the ``CANDIDATES`` largest logits, or on the CPU a logit window around the maximum), widened only when the
+candidates do not hold the top-p mass; the normaliser over the whole vocabulary is one reduction. A drafter's
+distribution q is never widened: the acceptance rule is exact for whatever distribution the draft was drawn from,
+as long as that same q enters min(1, p/q) (Leviathan et al. 2023), so only the target's p must be exact.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
+
+# Candidate-set sizes the mlx backend tries for top-p before sorting the whole vocabulary; up to PAIRWISE candidates
+# are ordered by pairwise comparison (no sort at all), more by a stable sort of the candidates.
+CANDIDATES = (256, 4096)
+PAIRWISE = 256
+# numpy backend: logits within WINDOW * temperature of the maximum are the first candidate set (exp(-WINDOW) is
+# ~2e-9 of the top token's probability); widened by doubling.
+WINDOW = 20.0
+# Rows are sampled by inverse CDF over blocks of this many entries (float64 sums; exact up to rounding).
+BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -36,8 +61,8 @@ class SamplingParams:
         return self.temperature == 0
 
     def distribution(self, logits: mx.array) -> np.ndarray:
-        """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p (in that order, as HF's
-        and mlx-lm's samplers apply them). Greedy -> one-hot on the argmax."""
+        """Reference: [N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p. Greedy ->
+        one-hot on the argmax. (Slow at a real vocabulary; decoding uses a Sampler.)"""
         x = np.asarray(logits.astype(mx.float32), dtype=np.float64)
         if self.greedy:
             out = np.zeros_like(x)
@@ -67,23 +92,285 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
-def accept_drafts(drafts: list[int], q: Optional[np.ndarray], p: np.ndarray, rng: Optional[np.random.Generator],
-                  greedy: bool) -> tuple[int, int]:
-    """Speculative acceptance (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023, arXiv 2302.01318).
+def default_backend() -> str:
+    """``MLXMTP_SAMPLER`` (mlx or numpy) if set, else mlx where Metal runs MLX and numpy on MLX's CPU back end."""
+    forced = os.environ.get("MLXMTP_SAMPLER", "")
+    if forced in ("mlx", "numpy"):
+        return forced
+    return "mlx" if mx.metal.is_available() else "numpy"
 
-    drafts: k drafted tokens; q: [k, V] the distributions they were drawn from; p: [k+1, V] the target's final
-    distributions at the k+1 verified positions. Returns (number of drafts accepted, the next token): the
-    correction drawn from norm(max(0, p - q)) at the first rejection, or the bonus token from p[k] when all pass.
-    Greedy: accept while the draft is the target's argmax (p is one-hot there, so this is the same rule).
-    """
-    for i, d in enumerate(drafts):
-        if greedy:
-            if p[i, d] == 1.0:
+
+# --- the mlx backend: every step a device array --------------------------------------------------------------------
+
+def _sum(e: mx.array) -> mx.array:
+    """Row sums [N, 1] in two levels (blocks of BLOCK, then the block sums): float32 error ~(BLOCK + V / BLOCK) eps
+    rather than V eps."""
+    N, V = e.shape
+    if V <= 4 * BLOCK:
+        return e.sum(-1, keepdims=True)
+    pad = -V % BLOCK
+    if pad:
+        e = mx.concatenate([e, mx.zeros((N, pad), dtype=e.dtype)], axis=-1)
+    return e.reshape(N, -1, BLOCK).sum(-1).sum(-1, keepdims=True)
+
+
+def mx_distribution(logits: mx.array, params: SamplingParams, n_cand: int):
+    """[N, V] logits -> ([N, V] float32 final probabilities, [N] bool: whether the n_cand candidates held the top-p
+    mass, i.e. the result equals the full-sort one). n_cand >= V sorts the whole vocabulary."""
+    x = logits.astype(mx.float32)
+    V = x.shape[-1]
+    z = x / params.temperature
+    e = mx.exp(z - z.max(-1, keepdims=True))
+    kth = None
+    if 0 < params.top_k < V:
+        kth = mx.topk(x, params.top_k, axis=-1).min(-1, keepdims=True)  # the k-th largest; ties with it stay
+        e = mx.where(x >= kth, e, 0.0)
+    p = e / _sum(e)  # the one reduction over the vocabulary
+    ok = mx.ones((x.shape[0],), dtype=mx.bool_)
+    if params.top_p >= 1:
+        return p, ok
+    if n_cand >= V:
+        cand = mx.broadcast_to(mx.arange(V), x.shape)
+    else:
+        cand = mx.sort(mx.argpartition(-x, n_cand - 1, axis=-1)[:, :n_cand], axis=-1)  # ascending ids: stable ties
+    xc, pc = mx.take_along_axis(x, cand, -1), mx.take_along_axis(p, cand, -1)
+    if n_cand <= PAIRWISE:  # mass before each candidate in (logit desc, id asc) order, by pairwise comparison
+        before = (xc[:, None, :] > xc[:, :, None]) | ((xc[:, None, :] == xc[:, :, None]) &
+                                                     (cand[:, None, :] < cand[:, :, None]))
+        mass_before = (before * pc[:, None, :]).sum(-1)
+    else:  # MLX's sort is stable: equal logits keep id order
+        order = mx.argsort(-xc, axis=-1)
+        ps = mx.take_along_axis(pc, order, -1)
+        mass_before = mx.put_along_axis(mx.zeros_like(pc), order, mx.cumsum(ps, axis=-1) - ps, -1)
+    if n_cand < V:
+        vc = xc.min(-1, keepdims=True)  # the candidates hold every id with a larger logit
+        inside = mx.where(xc > vc, pc, 0.0).sum(-1) >= params.top_p
+        ok = inside if kth is None else inside | (vc < kth)[:, 0]
+    keep_c = (mass_before < params.top_p) & (pc > 0)
+    keep = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), cand, keep_c, -1)
+    p = mx.where(keep, p, 0.0)
+    return p / _sum(p), ok
+
+
+def mx_draw(w: mx.array, key: mx.array) -> mx.array:
+    """One draw from each row of unnormalised weights [N, V] (an exponential race: argmax w_i / E_i with
+    E_i ~ Exp(1) picks i with probability w_i / sum w, with no cumulative sum to lose precision)."""
+    e = -mx.log1p(-mx.random.uniform(shape=w.shape, key=key))
+    return mx.argmax(w / e, axis=-1).astype(mx.int32)
+
+
+def mx_accept(drafts: mx.array, q: mx.array, p: mx.array, u: mx.array, key: mx.array):
+    """The acceptance rule on the device. drafts [k] int32, q [k, V], p [k+1, V], u [k] uniforms.
+    Returns (accepted count, next token) as int32 scalars: the first rejection by a cumulative product (no Python
+    loop), the residual norm(max(0, p - q)) at that row, or the bonus from p[k] when every draft passed."""
+    k = drafts.shape[0]
+    rows = mx.arange(k)
+    pd, qd = p[rows, drafts], q[rows, drafts]
+    n = mx.cumprod((u * qd < pd).astype(mx.int32)).sum()  # accept with probability min(1, p/q)
+    q_pad = mx.concatenate([q, mx.zeros_like(p[:1])], axis=0)  # row k: nothing to subtract (the bonus)
+    pn, qn = mx.take(p, n, axis=0), mx.take(q_pad, n, axis=0)
+    r = mx.maximum(pn - qn, 0.0)
+    r = mx.where(r.sum() > 0, r, pn)
+    return n.astype(mx.int32), mx_draw(r[None], key)[0]
+
+
+# --- the numpy backend: the same rule on zero-copy views of evaluated logits ---------------------------------------
+
+class Dist:
+    """A row's final distribution: probabilities ``w`` (float64, normalised) on ids ``ids`` (None: every id)."""
+
+    __slots__ = ("ids", "w")
+
+    def __init__(self, ids, w):
+        self.ids, self.w = ids, w
+
+    def at(self, tokens: np.ndarray) -> np.ndarray:
+        if self.ids is None:
+            return self.w[tokens]
+        pos = np.searchsorted(self.ids, tokens)
+        pos = np.minimum(pos, len(self.ids) - 1)
+        return np.where(self.ids[pos] == tokens, self.w[pos], 0.0)
+
+
+def np_distribution(x: np.ndarray, params: SamplingParams, exact: bool = True) -> Dist:
+    """One row of float32 logits -> its final Dist. Candidates: the logits within a window of the maximum, widened
+    (doubling) until they hold top_k ids and the top-p mass; exact=False (a drafter's q) keeps the first window."""
+    V = x.shape[0]
+    m = float(x.max())
+    T = params.temperature
+    truncated = 0 < params.top_k < V or params.top_p < 1
+    if not truncated:
+        e = np.exp((x - m) / T, dtype=np.float64) if V <= 4096 else np.exp((x - m) / np.float32(T)).astype(np.float64)
+        return Dist(None, e / e.sum())
+    Z = None if 0 < params.top_k < V else float(np.exp((x - m) / np.float32(T)).sum(dtype=np.float64))
+    width = WINDOW * T
+    while True:  # width grows to inf (every id) at worst
+        ids = np.flatnonzero(x >= m - width)
+        xc = x[ids].astype(np.float64)
+        if 0 < params.top_k < V:
+            if len(ids) < params.top_k:
+                width = width * 2 if width < 1e4 * T else np.inf
                 continue
-            return i, int(p[i].argmax())
-        if rng.random() * q[i, d] < p[i, d]:  # accept with probability min(1, p/q)
-            continue
-        residual = np.maximum(p[i] - q[i], 0.0)
-        return i, sample(residual if residual.sum() > 0 else p[i], rng)
-    k = len(drafts)
-    return k, (int(p[k].argmax()) if greedy else sample(p[k], rng))
+            kth = np.partition(xc, -params.top_k)[-params.top_k]
+            sel = xc >= kth
+            ids, xc = ids[sel], xc[sel]
+        e = np.exp((xc - m) / T)
+        z = e.sum() if Z is None else Z
+        w = e / z
+        if params.top_p < 1:
+            order = np.lexsort((ids, -xc))  # logit desc, id asc: the reference's stable order
+            ws = w[order]
+            keep_sorted = (np.cumsum(ws) - ws) < params.top_p
+            inside = Z is None or len(ids) == V or not exact or ws.sum() >= params.top_p
+            if not inside:
+                width = width * 2 if width < 1e4 * T else np.inf
+                continue
+            keep = np.zeros(len(ids), dtype=bool)
+            keep[order] = keep_sorted
+            ids, w = ids[keep], w[keep]
+        return Dist(ids, w / w.sum())
+
+
+def np_draw(w: np.ndarray, u: float) -> int:
+    """Inverse CDF of unnormalised weights: block sums first, then within the block (float64 throughout)."""
+    if len(w) <= 4 * BLOCK:
+        c = np.cumsum(w, dtype=np.float64)
+        return int(min(np.searchsorted(c, u * c[-1], side="right"), len(w) - 1))
+    starts = np.arange(0, len(w), BLOCK)
+    c = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
+    t = u * c[-1]
+    b = int(min(np.searchsorted(c, t, side="right"), len(c) - 1))
+    block = w[starts[b] : starts[b] + BLOCK]
+    cb = np.cumsum(block, dtype=np.float64)
+    t -= c[b - 1] if b else 0.0
+    i = int(min(np.searchsorted(cb, t, side="right"), len(block) - 1))
+    while block[i] <= 0 and i > 0:  # rounding at a block's end: step back to the last id with weight
+        i -= 1
+    return int(starts[b]) + i
+
+
+def np_sample(d: Dist, u: float) -> int:
+    i = np_draw(d.w, u)
+    return i if d.ids is None else int(d.ids[i])
+
+
+def np_residual(p: Dist, q: Dist) -> Dist:
+    """norm(max(0, p - q)) on p's support (p itself if the residual is empty, as the reference does)."""
+    if p.ids is not None:
+        qw = q.at(p.ids)
+    elif q.ids is None:
+        qw = q.w
+    else:
+        qw = np.zeros(len(p.w))
+        qw[q.ids] = q.w
+    r = np.maximum(p.w - qw, 0.0)
+    return Dist(p.ids, r) if r.sum() > 0 else p
+
+
+# --- one interface -------------------------------------------------------------------------------------------------
+
+class Sampler:
+    """Samples the first token, draws drafts and runs the acceptance rule for one generation.
+
+    ``draft(logits)`` -> (draft token as an int32 [1] device array, its distribution q or None when greedy);
+    ``accept(drafts, qs, logits)`` -> (accepted count, next token, the drafts as ints), with drafts an int32 [k]
+    device array and logits the target's [k+1, V]. ``lazy_next(logits)`` -> the next token of a plain round as a
+    device array with no synchronisation (where ``pipelined``). ``syncs`` / ``host_bytes`` count what crossed to
+    the host. Seeded samplers are reproducible (per backend: the mlx backend draws from mx.random keys).
+    """
+
+    def __init__(self, params: SamplingParams, seed: Optional[int] = None, backend: Optional[str] = None):
+        self.params = params
+        self.backend = backend or default_backend()
+        if self.backend not in ("mlx", "numpy"):
+            raise ValueError(f"sampler backend must be mlx or numpy, got {self.backend!r}")
+        seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
+        self.rng = np.random.default_rng(seed)
+        self.key = mx.random.key(seed % 2**63)
+        self.on_device = params.greedy or self.backend == "mlx"  # drafts and acceptance stay device work
+        # Plain rounds can be queued ahead (no data-dependent widening): greedy, or top-p off on the device.
+        self.pipelined = params.greedy or (self.backend == "mlx" and params.top_p >= 1)
+        self.syncs = 0
+        self.host_bytes = 0
+        self.widened = 0  # rounds whose top-p candidates were widened (one more synchronisation each)
+        self._host_drafts: list = []  # numpy backend: this round's drafts, drawn on the host
+
+    def _split(self):
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def fetch(self, a: mx.array) -> list:
+        """The one synchronisation of a round: a small int array to host ints."""
+        self.syncs += 1
+        self.host_bytes += a.nbytes
+        return a.tolist()
+
+    def _view(self, logits: mx.array) -> np.ndarray:
+        """Zero-copy float32 numpy view of evaluated logits (the numpy backend on MLX's CPU back end)."""
+        x = logits.astype(mx.float32)
+        mx.eval(x)
+        self.syncs += 1
+        return np.asarray(memoryview(x))
+
+    def draft(self, logits: mx.array):
+        """logits [1, V] -> (token int32 [1], q)."""
+        if self.params.greedy:
+            return mx.argmax(logits, axis=-1).astype(mx.int32), None
+        if self.backend == "mlx":
+            q, _ = mx_distribution(logits, self.params, CANDIDATES[0])  # never widened: q is what was drawn from
+            return mx_draw(q, self._split()), q
+        d = np_distribution(self._view(logits)[0], self.params, exact=False)
+        tok = np_sample(d, self.rng.random())
+        self._host_drafts.append(tok)
+        return mx.array([tok], dtype=mx.int32), d
+
+    def lazy_next(self, logits: mx.array) -> mx.array:
+        """Next token of a plain round ([1, V] logits) as an int32 [1] device array (pipelined samplers only)."""
+        if self.params.greedy:
+            return mx.argmax(logits, axis=-1).astype(mx.int32)
+        p, _ = mx_distribution(logits, self.params, CANDIDATES[0])
+        return mx_draw(p, self._split())
+
+    def accept(self, drafts: Optional[mx.array], qs: list, logits: mx.array) -> tuple[int, int, list]:
+        k = 0 if drafts is None else drafts.shape[0]
+        if self.params.greedy:
+            target = mx.argmax(logits, axis=-1).astype(mx.int32)
+            if k == 0:
+                return 0, self.fetch(target)[0], []
+            n = mx.cumprod((drafts == target[:k]).astype(mx.int32)).sum().astype(mx.int32)
+            out = self.fetch(mx.concatenate([n[None], mx.take(target, n)[None], drafts]))
+            return out[0], out[1], out[2:]
+        if self.backend == "mlx":
+            return self._accept_mlx(drafts, qs, logits)
+        return self._accept_numpy(drafts, qs, logits)
+
+    def _accept_mlx(self, drafts, qs, logits):
+        k = 0 if drafts is None else drafts.shape[0]
+        key_u, key_r = self._split(), self._split()
+        V = logits.shape[-1]
+        for n_cand in CANDIDATES + (V,):
+            p, ok = mx_distribution(logits, self.params, n_cand)
+            if k == 0:
+                n, nxt = mx.array(0, dtype=mx.int32), mx_draw(p[-1:], key_r)[0]
+                parts = [n[None], nxt[None], ok.all().astype(mx.int32)[None]]
+            else:
+                u = mx.random.uniform(shape=(k,), key=key_u)
+                n, nxt = mx_accept(drafts, mx.concatenate(qs, axis=0), p, u, key_r)
+                parts = [n[None], nxt[None], ok.all().astype(mx.int32)[None], drafts]
+            out = self.fetch(mx.concatenate(parts))
+            if out[2] or n_cand >= V:  # same uniforms on a wider candidate set: the full-sort result
+                return out[0], out[1], out[3:]
+            self.widened += 1
+        raise AssertionError("unreachable")
+
+    def _accept_numpy(self, drafts, qs, logits):
+        k = 0 if drafts is None else drafts.shape[0]
+        x = self._view(logits)
+        d, self._host_drafts = self._host_drafts[:k], []
+        for i in range(k):
+            p = np_distribution(x[i], self.params)
+            tok = np.array([d[i]])
+            if self.rng.random() * qs[i].at(tok)[0] < p.at(tok)[0]:  # accept with probability min(1, p/q)
+                continue
+            return i, np_sample(np_residual(p, qs[i]), self.rng.random()), d
+        return k, np_sample(np_distribution(x[k], self.params), self.rng.random()), d

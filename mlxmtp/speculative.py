@@ -8,9 +8,10 @@ drafting and rolled back at once, then recomputed with the true tokens in the ne
 than there are modules continues with the last module recursively (row P, P+1, ...; its own output as hidden),
 which is how single-module families draft k > 1 (vLLM's and SGLang's convention).
 
-Each round: draft k tokens -> verify [t[P], d1..dk] in one trunk pass -> accept (sampling.accept_drafts) -> roll the
-trunk caches back past the accepted prefix -> hand the accepted positions' hidden states to the drafter, which
-folds them into its next call (no separate pass to extend the MTP caches).
+Prefill runs the trunk and then every MTP module over the prompt (MTPDrafter.prefill). Each round: draft k tokens ->
+verify [t[P], d1..dk] in one trunk pass -> accept (sampling.Sampler.accept: the round's one host synchronisation) ->
+roll the trunk caches back past the accepted prefix -> hand the accepted positions' hidden states to the drafter,
+which folds them into its next call (no separate pass to extend the MTP caches).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import can_rollback, copy_caches, rollback
-from .sampling import SamplingParams, accept_drafts, sample
+from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512
 # The deepest draft a round may ask for. A verify pass feeds 1 + k tokens, and the caches that cannot be trimmed
@@ -76,9 +76,29 @@ class MTPDrafter:
         """Trunk hidden states [1, m, H] of newly committed positions."""
         self.inputs[0] = hidden if self.inputs[0] is None else mx.concatenate([self.inputs[0], hidden], axis=1)
 
-    def draft(self, tokens: list[int], k: int, params: SamplingParams, rng) -> tuple[list[int], Optional[np.ndarray]]:
-        """Up to k drafts after tokens[-1] (= t[P]) and the distributions q they were drawn from ([k', V], None when
-        greedy). Drafting stops early when the drafter's top probability falls below min_draft_prob."""
+    def prefill(self, tokens: list[int]) -> None:
+        """Run every module over the rows whose inputs are committed (``tokens``: the prompt), in chunks, leaving
+        each module's last row (whose token is the one not sampled yet) for the first draft. Part of prefill: the
+        first round then runs one row per module, whatever the prompt's length."""
+        L = len(tokens)
+        for j in range(self.n):
+            f = self.frontier[j]
+            have = (f + self.inputs[j].shape[1]) if self.inputs[j] is not None else f
+            end = min(L - j - 1, have)  # row i needs t[i + j + 1], a prompt token
+            if end <= f:
+                continue
+            out, _ = self._run(j, self.inputs[j][:, : end - f], mx.array([tokens[f + j + 1 : end + j + 1]]))
+            mx.eval(out)
+            self.inputs[j] = self.inputs[j][:, end - f :] if have > end else None
+            self.frontier[j] = end
+            if j + 1 < self.n:
+                nxt = self.inputs[j + 1]
+                self.inputs[j + 1] = out if nxt is None else mx.concatenate([nxt, out], axis=1)
+
+    def draft(self, tokens: list[int], k: int, sampler: Sampler):
+        """Up to k drafts after tokens[-1] (= t[P]): (an int32 [k'] device array or None, the distributions q they
+        were drawn from, one per draft, None entries when greedy). Nothing is synchronised here (with the mlx
+        sampler, or greedy); min_draft_prob > 0 stops drafting early at the cost of one synchronisation per draft."""
         P = len(tokens) - 1
         drafts, qs, ran = [], [], []  # ran: (first row, input hidden, output hidden) of each module run
         prev_out = None
@@ -88,31 +108,35 @@ class MTPDrafter:
                 f = self.frontier[j]
                 h = self.inputs[j] if j == 0 else (
                     prev_out if self.inputs[j] is None else mx.concatenate([self.inputs[j], prev_out], axis=1))
-                toks = [tokens[i + j + 1] if i + j + 1 <= P else drafts[i + j - P] for i in range(f, P)]
+                # rows f..P-1 feed t[i + j + 1]: committed up to row P - j - 1, then this round's drafts
+                parts = [mx.array(tokens[f + j + 1 : P + 1], dtype=mx.int32)] if f + j + 1 <= P else []
+                toks = mx.concatenate(parts + drafts[max(f, P - j) + j - P : j])[None]
             else:  # recursion with the last module at rows P, P+1, ...: its own output as hidden
-                h, toks = prev_out[:, -1:], [drafts[-1]]
+                h, toks = prev_out[:, -1:], drafts[-1][None]
             out, logits = self._run(j, h, toks)
             if depth < self.n:
                 ran.append((f, h, out))
             prev_out = out
             last = logits[0, -1:]
-            if depth > 0 and self.min_draft_prob > 0 and mx.softmax(last, axis=-1).max().item() < self.min_draft_prob:
-                break
-            dist = params.distribution(last)[0]
-            drafts.append(int(dist.argmax()) if params.greedy else sample(dist, rng))
-            qs.append(dist)
+            if depth > 0 and self.min_draft_prob > 0:
+                sampler.syncs += 1
+                if mx.softmax(last, axis=-1).max().item() < self.min_draft_prob:
+                    break
+            tok, q = sampler.draft(last)
+            drafts.append(tok)
+            qs.append(q)
         self._commit(P, ran)
-        return drafts, (None if params.greedy or not qs else np.stack(qs))
+        return (mx.concatenate(drafts) if drafts else None), qs
 
-    def _run(self, j: int, h: mx.array, toks: list[int]):
-        """Module j over the given rows; after a long prompt the leading (committed) rows go in chunks."""
+    def _run(self, j: int, h: mx.array, toks: mx.array):
+        """Module j over the given rows ([1, L] tokens); long inputs (a prompt) go in chunks."""
         outs = []
-        while len(toks) > PREFILL_CHUNK:
-            out, _ = self.model.mtp_forward(j, h[:, :PREFILL_CHUNK], mx.array([toks[:PREFILL_CHUNK]]), self.caches[j])
+        while toks.shape[1] > PREFILL_CHUNK:
+            out, _ = self.model.mtp_forward(j, h[:, :PREFILL_CHUNK], toks[:, :PREFILL_CHUNK], self.caches[j])
             mx.eval(out)
             outs.append(out)
-            h, toks = h[:, PREFILL_CHUNK:], toks[PREFILL_CHUNK:]
-        out, logits = self.model.mtp_forward(j, h, mx.array([toks]), self.caches[j])
+            h, toks = h[:, PREFILL_CHUNK:], toks[:, PREFILL_CHUNK:]
+        out, logits = self.model.mtp_forward(j, h, toks, self.caches[j])
         return (mx.concatenate(outs + [out], axis=1) if outs else out), logits
 
     def _commit(self, P: int, ran: list) -> None:
@@ -212,6 +236,9 @@ class RoundStats:
     target_forwards: int = 0
     drafted_by_depth: list = field(default_factory=list)
     accepted_by_depth: list = field(default_factory=list)
+    rounds_by_k: list = field(default_factory=list)  # rounds_by_k[k]: rounds that drafted k tokens
+    syncs: int = 0  # host synchronisations, the prefill's included
+    host_bytes: int = 0  # bytes copied from device arrays to the host
 
     def record(self, n_drafted: int, n_accepted: int) -> None:
         self.target_forwards += 1
@@ -220,30 +247,39 @@ class RoundStats:
         while len(self.drafted_by_depth) < n_drafted:
             self.drafted_by_depth.append(0)
             self.accepted_by_depth.append(0)
+        while len(self.rounds_by_k) <= n_drafted:
+            self.rounds_by_k.append(0)
+        self.rounds_by_k[n_drafted] += 1
         for d in range(n_drafted):
             self.drafted_by_depth[d] += 1
             self.accepted_by_depth[d] += d < n_accepted
 
 
-def _trunk(model, tokens: list[int], cache, want_hidden: bool):
-    pre, post = model.trunk(mx.array([tokens]), cache)
+def _trunk(model, tokens: mx.array, cache, want_hidden: bool):
+    """tokens: int32 [L] (device or host built)."""
+    pre, post = model.trunk(tokens[None], cache)
     logits = model.lm_head(post)
     return logits, (model.select_hidden(pre, post) if want_hidden else None)
 
 
 def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, policy=None, seed=None,
            stats: Optional[RoundStats] = None, min_draft_prob: float = 0.0, drafter=None,
-           state: Optional[DecodeState] = None) -> Iterator[list[int]]:
+           state: Optional[DecodeState] = None, sampler: Optional[Sampler] = None) -> Iterator[list[int]]:
     """Yield the generated tokens, a list per trunk pass (the prefill's first token, then each round's accepted
     drafts plus the correction or bonus token). Runs until the caller stops iterating.
 
     draft_tokens: an int k (0 = plain decoding) or "auto" with ``policy`` (tuning.DepthPolicy) choosing k per round.
-    drafter: anything with MTPDrafter's ``extend`` and ``draft`` (default: an MTPDrafter over the model's modules).
-    state: a DecodeState to continue (only the prompt tokens after its ``n_cached`` are prefilled; the prompt must
-    start with its ``tokens``) and to leave updated for the next generation; default: a fresh one.
+    drafter: anything with MTPDrafter's ``extend``, ``draft`` and ``prefill`` (default: an MTPDrafter over the
+    model's modules). state: a DecodeState to continue (only the prompt tokens after its ``n_cached`` are
+    prefilled; the prompt must start with its ``tokens``) and to leave updated for the next generation; default: a
+    fresh one. sampler: a sampling.Sampler (default: one for ``params`` and ``seed`` on the default backend).
+
+    One host synchronisation per round (greedy, or the mlx sampler): drafts, the verify input, the distributions
+    and the acceptance rule stay device arrays, and only [accepted count, next token, drafts] come back. Plain
+    decoding (k = 0 without MTP) queues pass n+1 before handing out token n, as mlx-lm's generate_step does.
     """
     prompt = [int(t) for t in prompt]
-    rng = np.random.default_rng(seed)
+    sampler = sampler or Sampler(params, seed)
     stats = stats if stats is not None else RoundStats()
     use_mtp = (drafter is not None or model.num_mtp_modules > 0) and (draft_tokens == "auto" or draft_tokens > 0)
     if state is None:
@@ -259,36 +295,79 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     if drafter is not None:
         drafter.min_draft_prob = min_draft_prob
 
-    # Prefill in chunks; the drafter receives every prompt position's hidden state.
+    def sync_stats():
+        stats.syncs, stats.host_bytes = sampler.syncs, sampler.host_bytes
+
+    # Prefill in chunks; the drafter receives every prompt position's hidden state and runs its modules over them.
     state.busy = True
     for s in range(state.n_cached, len(prompt), PREFILL_CHUNK):
-        logits, hidden = _trunk(model, prompt[s : s + PREFILL_CHUNK], cache, use_mtp)
+        logits, hidden = _trunk(model, mx.array(prompt[s : s + PREFILL_CHUNK], dtype=mx.int32), cache, use_mtp)
         if use_mtp:
             drafter.extend(hidden)
         mx.eval(logits, hidden if use_mtp else logits)
+    if use_mtp and hasattr(drafter, "prefill"):
+        drafter.prefill(prompt)
     tokens = list(prompt)
-    p = params.distribution(logits[0, -1:])[0]
-    first = int(p.argmax()) if params.greedy else sample(p, rng)
+    if not use_mtp and sampler.pipelined:
+        yield from _pipelined(model, state, sampler, stats, logits[0, -1:], tokens, sync_stats)
+        return
+    _, first, _ = sampler.accept(None, [], logits[0, -1:])
     tokens.append(first)
     state.tokens, state.n_cached, state.busy = tokens, len(prompt), False
+    sync_stats()
     yield [first]
 
     while True:
         k = 0 if not use_mtp else (policy.choose() if draft_tokens == "auto" else draft_tokens)
         t0 = time.perf_counter()
         state.busy = True
-        drafts, q = drafter.draft(tokens, k, params, rng) if k > 0 else ([], None)
-        logits, hidden = _trunk(model, [tokens[-1]] + drafts, cache, use_mtp)
-        p = params.distribution(logits[0])
-        n_acc, nxt = accept_drafts(drafts, q, p, rng, params.greedy)
-        rollback(cache, len(drafts) - n_acc)
+        drafts, qs = drafter.draft(tokens, k, sampler) if k > 0 else (None, [])
+        last = mx.array([tokens[-1]], dtype=mx.int32)
+        logits, hidden = _trunk(model, last if drafts is None else mx.concatenate([last, drafts]), cache, use_mtp)
+        n_acc, nxt, drafted = sampler.accept(drafts, qs, logits[0])  # the round's one synchronisation
+        rollback(cache, len(drafted) - n_acc)
         if use_mtp:
             drafter.extend(hidden[:, : n_acc + 1])
-        stats.record(len(drafts), n_acc)
+        stats.record(len(drafted), n_acc)
+        sync_stats()
         if policy is not None:
-            policy.observe(k, len(drafts), n_acc, time.perf_counter() - t0)
-        new = drafts[:n_acc] + [nxt]
+            policy.observe(k, len(drafted), n_acc, time.perf_counter() - t0)
+        new = drafted[:n_acc] + [nxt]
         tokens.extend(new)
         state.n_cached += n_acc + 1
         state.busy = False
         yield new
+
+
+def _pipelined(model, state: DecodeState, sampler: Sampler, stats: RoundStats, logits: mx.array, tokens: list,
+               sync_stats) -> Iterator[list[int]]:
+    """Plain decoding with pass n+1 queued (mx.async_eval) before token n is read (mlx-lm's generate_step).
+
+    While suspended after handing out token n, the trunk cache already holds it (n_cached = len(tokens)); when the
+    consumer stops, the token the queued pass sampled is read and appended, so the state again holds every token
+    but the last (DecodeState's invariant) and a follow-up prompt extending the handed-out tokens reuses it all."""
+    cache = state.cache
+    y = sampler.lazy_next(logits)
+    mx.async_eval(y)
+    state.tokens = tokens
+    first = True
+    try:
+        while True:
+            logits, _ = _trunk(model, y, cache, False)
+            y_next = sampler.lazy_next(logits[0, -1:])
+            mx.async_eval(y_next)
+            tok = sampler.fetch(y)[0]
+            tokens.append(tok)
+            state.n_cached = len(tokens)
+            if not first:  # the prefill's token is no round
+                stats.record(0, 0)
+            first = False
+            sync_stats()
+            state.busy = False
+            yield [tok]
+            state.busy = True
+            y = y_next
+    finally:
+        if not state.busy:  # stopped while suspended: the queued pass's token becomes the state's last
+            tokens.append(sampler.fetch(y_next)[0])
+            sync_stats()

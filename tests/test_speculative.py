@@ -11,6 +11,7 @@ import pytest
 from scipy import stats as sps
 
 import mlxmtp.speculative as spec
+from mlxmtp import sampling
 from mlxmtp import generation, load_tokenizer
 from mlxmtp.sampling import SamplingParams
 from mlxmtp.speculative import RoundStats, decode
@@ -73,13 +74,13 @@ class OracleDrafter:
     def extend(self, hidden):
         pass
 
-    def draft(self, tokens, k, params, rng):
+    def draft(self, tokens, k, sampler):
         n = len(tokens)
         out = []
         for d in range(k):
             t = self.truth[n + d] if n + d < len(self.truth) else 0
             out.append(t if d < self.right else (t + 1) % self.vocab)
-        return out, None
+        return (mx.array(out, dtype=mx.int32) if out else None), [None] * k
 
 
 def check_rollback_every_position(model, vocab, prompt, k=4, n_tokens=20):
@@ -160,8 +161,12 @@ def sampling_model():
     return ToyModel(vocab=4, num_mtp=1, seed=5, scale=3.0)
 
 
-@pytest.mark.parametrize("params,k", [(SamplingParams(1.0), 2), (SamplingParams(0.8, top_p=0.9, top_k=3), 3)])
-def test_sampling_distribution_is_exact(sampling_model, params, k):
+@pytest.mark.parametrize("params,k,backend", [(SamplingParams(1.0), 2, "numpy"),
+                                              (SamplingParams(0.8, top_p=0.9, top_k=3), 3, "numpy"),
+                                              (SamplingParams(0.8, top_p=0.9, top_k=3), 3, "mlx")])
+def test_sampling_distribution_is_exact(sampling_model, params, k, backend, monkeypatch):
+    """Both sampler back ends (the device one is what Metal runs)."""
+    monkeypatch.setenv("MLXMTP_SAMPLER", backend)
     prompt = [0, 1, 2, 3]
     probs = exact_joint(sampling_model, prompt, params)
     runs = 2000
@@ -175,13 +180,16 @@ def test_sampling_distribution_is_exact(sampling_model, params, k):
 def test_chi_square_detects_broken_acceptance(sampling_model, monkeypatch):
     params = SamplingParams(1.0)
 
-    def accept_while_equal_to_argmax(drafts, q, p, rng, greedy):  # a plausible but wrong rule
-        for i, d in enumerate(drafts):
-            if d != int(p[i].argmax()):
-                return i, spec.sample(p[i], rng)
-        return len(drafts), spec.sample(p[len(drafts)], rng)
+    def accept_while_equal_to_argmax(self, drafts, qs, logits):  # a plausible but wrong rule
+        x = self._view(logits)
+        d, self._host_drafts = self._host_drafts[: len(qs)], []
+        for i, t in enumerate(d + [None]):
+            p = sampling.np_distribution(x[i], self.params)
+            if t is None or t != int(p.w.argmax()):
+                return i, sampling.np_sample(p, self.rng.random()), d
 
-    monkeypatch.setattr(spec, "accept_drafts", accept_while_equal_to_argmax)
+    monkeypatch.setenv("MLXMTP_SAMPLER", "numpy")
+    monkeypatch.setattr(sampling.Sampler, "_accept_numpy", accept_while_equal_to_argmax)
     prompt = [0, 1, 2, 3]
     probs = exact_joint(sampling_model, prompt, params)
     counts = sampled_counts(sampling_model, prompt, params, 2, 2000)

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Engine overhead per decoding round: what a round costs beyond the passes it runs.
+
+Stand-ins with random weights and a real vocabulary (151,936): "small" (Qwen3.5 architecture, hidden 256, 3 Gated
+DeltaNet + 1 full-attention layer, one MTP layer) and "qwen27b" (Qwen3.5/3.6-27B's layer shapes: hidden 5120,
+MLP 17408, 24 heads / 4 KV heads x 256, Gated DeltaNet 16 key / 48 value heads x 128; one full-attention trunk layer
+and the MTP layer, tied embeddings, so that it fits in memory). For greedy, Qwen3's (T 0.7, top-p 0.8, top-k 20)
+and DeepSeek-R1's (T 0.6, top-p 0.95) settings and k = 0..4 it reports, per round: the median round time
+(speculative.decode, time between its yields), the sum of the isolated pass costs of that round (verify of k+1
+tokens + k one-row MTP passes, each evaluated on its own), their difference (engine overhead), host
+synchronisations and bytes copied to the host. Random weights accept almost no drafts, so every round drafts k
+and verifies k + 1 rows: the structure of a round, not its payoff, is what is measured.
+
+    python benchmarks/bench_overhead.py --out bench_overhead.json             # small stand-in
+    python benchmarks/bench_overhead.py --models small,qwen27b --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlxmtp  # noqa: F401  - first: it loads OpenBLAS before mlx.core (mlxmtp/blas.py)
+import mlx.core as mx
+import numpy as np
+
+from mlxmtp import sampling, speculative
+from mlxmtp.cache import rollback
+from mlxmtp.models import get_family
+from mlxmtp.sampling import SamplingParams
+
+VOCAB = 151_936
+BASE = {"model_type": "qwen3_5_text", "vocab_size": VOCAB, "partial_rotary_factor": 0.25, "attn_output_gate": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "linear_conv_kernel_dim": 4, "hidden_act": "silu", "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+        "mtp_num_hidden_layers": 1, "tie_word_embeddings": True, "eos_token_id": 0}
+MODELS = {
+    "small": {**BASE, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+              "layer_types": ["linear_attention"] * 3 + ["full_attention"], "full_attention_interval": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "linear_num_key_heads": 2,
+              "linear_num_value_heads": 4, "linear_key_head_dim": 64, "linear_value_head_dim": 64},
+    "qwen27b": {**BASE, "hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 1,
+                "layer_types": ["full_attention"], "full_attention_interval": 1, "num_attention_heads": 24,
+                "num_key_value_heads": 4, "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 48,
+                "linear_key_head_dim": 128, "linear_value_head_dim": 128},
+}
+SETTINGS = {"greedy": SamplingParams(), "qwen3 T0.7 p0.8 k20": SamplingParams(0.7, 0.8, 20),
+            "r1 T0.6 p0.95": SamplingParams(0.6, 0.95)}
+
+
+def build(name: str):
+    family = get_family("qwen3_5")
+    model = family.Model(family.ModelArgs.from_dict(MODELS[name]), num_mtp=1)
+    mx.eval(model.parameters())
+    return model
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def pass_costs(model, prompt: list, max_k: int, repeats: int) -> dict:
+    """Isolated costs: a verify pass of m rows (trunk + head, evaluated) and a one-row MTP pass, on a cache holding
+    the prompt."""
+    cache = model.make_cache()
+    pre, post = model.trunk(mx.array([prompt]), cache)
+    mx.eval(pre, post)
+    toks = mx.array([prompt[: max_k + 1]])
+
+    def verify(m):
+        mx.eval(model.lm_head(model.trunk(toks[:, :m], cache)[1]))
+        rollback(cache, m)
+
+    mcache = model.make_mtp_cache()
+    hidden = model.select_hidden(pre, post)
+    mx.eval(model.mtp_forward(0, hidden[:, :-2], mx.array([prompt[1:-1]]), mcache[0]))
+
+    def draft():
+        mx.eval(model.mtp_forward(0, hidden[:, -1:], toks[:, :1], mcache[0]))
+        rollback([mcache[0]], 1)
+
+    return {"verify": [median_time(lambda: verify(m), repeats) for m in range(1, max_k + 2)],
+            "draft": median_time(draft, repeats)}
+
+
+class HostCounter:
+    """Counts host transfers of the engine before it reported them itself: each SamplingParams.distribution call
+    copies its [rows, V] logits to the host (one synchronisation)."""
+
+    def __init__(self):
+        self.syncs = self.bytes = 0
+        self._orig = SamplingParams.distribution
+
+    def __enter__(self):
+        counter, orig = self, self._orig
+
+        def counted(params, logits):
+            counter.syncs += 1
+            counter.bytes += logits.size * 4
+            return orig(params, logits)
+
+        SamplingParams.distribution = counted
+        return self
+
+    def __exit__(self, *exc):
+        SamplingParams.distribution = self._orig
+
+
+def measure_rounds(model, prompt, params, k, rounds, warmup=3) -> dict:
+    st = speculative.RoundStats()
+    reported = hasattr(st, "syncs")
+    gen = speculative.decode(model, prompt, params, draft_tokens=k, seed=0, stats=st)
+    with HostCounter() as counter:
+        next(gen)  # prefill
+        for _ in range(warmup):
+            next(gen)
+        s0 = (st.syncs, st.host_bytes) if reported else (counter.syncs, counter.bytes)
+        f0, times = st.target_forwards, []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            next(gen)
+            times.append(time.perf_counter() - t0)
+        s1 = (st.syncs, st.host_bytes) if reported else (counter.syncs, counter.bytes)
+    gen.close()
+    n = st.target_forwards - f0
+    return {"round_ms": statistics.median(times) * 1e3, "syncs_per_round": (s1[0] - s0[0]) / n,
+            "host_bytes_per_round": (s1[1] - s0[1]) / n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="small")
+    ap.add_argument("--max-k", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=7, help="repeats of each isolated pass")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=Path("bench_overhead.json"))
+    args = ap.parse_args()
+    names = args.models.split(",")
+    if any(n not in MODELS for n in names):
+        sys.exit(f"error: --models takes {', '.join(MODELS)}")
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, VOCAB, args.prompt_tokens)]
+    report = {"vocab": VOCAB, "sampler": getattr(sampling, "default_backend", lambda: "host float64")(),
+              "models": {}}
+    for name in names:
+        model = build(name)
+        costs = pass_costs(model, prompt, args.max_k, args.repeats)
+        rows = []
+        for sname, params in SETTINGS.items():
+            for k in range(args.max_k + 1):
+                r = measure_rounds(model, prompt, params, k, args.rounds)
+                isolated = (costs["verify"][k] + k * costs["draft"]) * 1e3
+                rows.append({"setting": sname, "k": k, **r, "isolated_ms": isolated,
+                             "overhead_ms": r["round_ms"] - isolated})
+        greedy = {r["k"]: r["round_ms"] for r in rows if r["setting"] == "greedy"}
+        for r in rows:
+            r["vs_greedy"] = r["round_ms"] / greedy[r["k"]]
+        report["models"][name] = {"config": MODELS[name], "pass_costs_ms": {
+            "verify": [c * 1e3 for c in costs["verify"]], "draft": costs["draft"] * 1e3}, "rounds": rows}
+        print(f"\n{name}: verify {', '.join(f'{c * 1e3:.2f}' for c in costs['verify'])} ms for 1..{args.max_k + 1}"
+              f" rows; one-row MTP pass {costs['draft'] * 1e3:.2f} ms")
+        print(f"{'setting':22s} {'k':>2s} {'round ms':>9s} {'isolated':>9s} {'overhead':>9s} {'x greedy':>8s} "
+              f"{'syncs':>6s} {'host bytes':>11s}")
+        for r in rows:
+            print(f"{r['setting']:22s} {r['k']:2d} {r['round_ms']:9.2f} {r['isolated_ms']:9.2f} "
+                  f"{r['overhead_ms']:9.2f} {r['vs_greedy']:8.2f} {r['syncs_per_round']:6.1f} "
+                  f"{r['host_bytes_per_round']:11.0f}")
+        del model
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
