@@ -304,10 +304,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 class State:
-    """OUT.train-heads/: recipe.json, generations.npy (cached corpus), state.safetensors + state.json (last step)."""
+    """The work directory (OUT.train-heads/ by default): recipe.json, generations.npy (cached corpus), state.safetensors + state.json (last step)."""
 
-    def __init__(self, out: Path):
-        self.dir = out.with_name(out.name + ".train-heads")
+    def __init__(self, directory: Path):
+        self.dir = directory
 
     def open(self, recipe: Recipe) -> Optional[dict]:
         """Create the directory for this recipe, or return the saved state of an earlier run of the same recipe."""
@@ -430,11 +430,13 @@ def _schedule(recipe: Recipe):
 
 def train_heads(model_path: Union[str, Path], out: Union[str, Path], corpus: Union[str, Path, Sequence[str]],
                 recipe: Optional[Recipe] = None, *, force: bool = False, force_load: bool = False,
-                progress: bool = False, on_step: Optional[Callable[[int, float], None]] = None) -> Result:
+                progress: bool = False, on_step: Optional[Callable[[int, float], None]] = None,
+                work_dir: Optional[Union[str, Path]] = None) -> Result:
     """Train MTP heads for the trunk at model_path on corpus and write the checkpoint to out (see module doc).
 
     on_step(step, loss) is called after every completed step (tests use it to interrupt a run). KeyboardInterrupt
-    saves the last completed step in OUT.train-heads/ and propagates; the same call again resumes from there.
+    saves the last completed step in the work directory (default OUT.train-heads/ beside OUT) and propagates; the
+    same call again resumes from there.
     """
     from .inspection import memory_budget
 
@@ -466,7 +468,7 @@ def train_heads(model_path: Union[str, Path], out: Union[str, Path], corpus: Uni
                   if recipe.dtype == "auto" else getattr(mx, recipe.dtype, None))
     if not isinstance(save_dtype, mx.Dtype):
         raise ValueError(f"dtype {recipe.dtype!r}: choose auto, float32, bfloat16 or float16")
-    state = State(out)
+    state = State(Path(work_dir) if work_dir else out.with_name(out.name + ".train-heads"))
     saved = state.open(recipe)
 
     train_stream, held = token_streams(tokenizer, texts, recipe.heldout_fraction)

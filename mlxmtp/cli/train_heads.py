@@ -32,16 +32,19 @@ DEFAULTS = Recipe()
 @click.option("--save-every", type=click.IntRange(min=1), default=DEFAULTS.save_every, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="dtype of the written heads (auto: the trunk's)")
+@click.option("--work-dir", metavar="DIR", default=None,
+              help="cached generations and resumable state (default: OUT.train-heads beside OUT)")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--force-load", is_flag=True, help="train even when the memory estimate says it cannot fit")
 def command(model, out, corpus, generate_tokens, gen_temperature, modules, init, steps, batch, seq_len, lr, seed,
-            eval_every, save_every, dtype, force, force_load):
+            eval_every, save_every, dtype, work_dir, force, force_load):
     """Train MTP heads for MODEL's frozen trunk by KL distillation to its own next-next-token distribution.
 
     Rerun the same command to resume an interrupted run (Ctrl-C keeps the last completed step)."""
     recipe = Recipe(modules=modules, init=init, steps=steps, batch=batch, seq_len=seq_len, lr=lr, seed=seed,
                     generate_tokens=generate_tokens, gen_temperature=gen_temperature, eval_every=eval_every,
                     save_every=save_every, dtype=dtype)
-    r = train_heads(model, out, corpus, recipe, force=force, force_load=force_load, progress=True)
+    r = train_heads(model, out, corpus, recipe, force=force, force_load=force_load, progress=True,
+                    work_dir=work_dir)
     held = "; ".join(f"{k}: acceptance {v['acceptance']:.1%}, tau {v['tau']:.2f}" for k, v in r.heldout.items())
     click.echo(f"wrote {r.out} ({r.steps} steps, final loss {r.loss:.4f})" + (f"; held-out greedy {held}" if held else ""))
