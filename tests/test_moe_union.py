@@ -124,3 +124,18 @@ def test_auto_mode_range(monkeypatch):
     assert [moe_dispatch.use_union(m) for m in (1, 2, 16, 17, 512)] == [False, True, True, False, False]
     with pytest.raises(ValueError, match="MoE dispatch mode"):
         moe_dispatch.set_dispatch_mode("fast")
+
+
+def test_auto_keeps_quantized_experts_on_the_stock_path_on_cpu(monkeypatch):
+    """CPU quantized matmul is compute-bound: the padded union block would only add rows (moe_dispatch docstring)."""
+    def fail(*a):
+        raise AssertionError("the union path ran")
+
+    monkeypatch.setattr(moe_dispatch, "union_switch_glu", fail)
+    glu = SwitchGLU(64, 32, 8)
+    x, inds = mx.random.normal((1, 4, 64)), mx.array([[[0, 1], [1, 2], [2, 3], [3, 0]]], dtype=mx.uint32)
+    nn.quantize(glu, group_size=32, bits=4)
+    with moe_dispatch.dispatch_mode("auto"):
+        mx.eval(glu(x, inds))
+    with moe_dispatch.dispatch_mode("union"), pytest.raises(AssertionError, match="union path ran"):
+        glu(x, inds)

@@ -15,7 +15,9 @@ Two implementations of the union path:
   self-check on this machine passed.
 
 Mode (``MLXMTP_MOE_DISPATCH`` or `dispatch_mode`): "auto" (union for 2..UNION_MAX_TOKENS tokens, the stock path for
-one token, where the union is the same k experts, and for prefill), "union" (always) or "stock" (never).
+one token, where the union is the same k experts, and for prefill; and the stock path for quantized experts on the
+CPU back end without the kernel, where quantized matmul is compute-bound and its cost grows with rows, so the padded
+union block only adds work: linux-cpu.md, `mlxmtp doctor`), "union" (always) or "stock" (never).
 """
 
 from __future__ import annotations
@@ -121,6 +123,8 @@ def switch_glu(glu, x: mx.array, indices: mx.array, stock) -> mx.array:
 
     if moe_union.kernel_enabled(glu):
         return moe_union.kernel_switch_glu(glu, x, indices)
+    if get_dispatch_mode() == "auto" and mx.default_device() == mx.cpu and "scales" in glu.gate_proj:
+        return stock(x, indices)
     return union_switch_glu(glu, x, indices)
 
 
