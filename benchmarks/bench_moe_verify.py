@@ -32,8 +32,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mlxmtp.bench import WeightTraffic, machine_info
-from mlxmtp.cache import rollback
+from mlxmtp.bench import machine_info
+from mlxmtp.doctor import verify_curve
 from mlxmtp.models import deepseek_v3, moe_dispatch, qwen3_next
 from mlxmtp.models.layers import SwitchGLU, softmax_topk
 
@@ -102,41 +102,16 @@ def layer_bench(args_d: dict, dtype, max_m: int, repeats: int, seed: int, rho: f
     return {"experts": E, "top_k": k, "rho": rho, "expert_bytes": expert_bytes, "stock_1_ms": base * 1e3, "rows": rows}
 
 
-def model_bench(family, args_d: dict, dtype, max_m: int, repeats: int, seed: int, context: int = 64) -> dict:
+def model_bench(family, args_d: dict, dtype, max_m: int, repeats: int, seed: int) -> dict:
     model = family.Model(family.ModelArgs.from_dict(args_d), num_mtp=0)
     randomize(model, seed)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
-    model.config = {"torch_dtype": {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}[dtype]}
-    traffic = WeightTraffic(model)
-    rng = np.random.default_rng(seed)
-    vocab = args_d["vocab_size"]
-    cache = model.make_cache()
-    mx.eval(model(mx.array(rng.integers(0, vocab, (1, context))), cache))
-    times = {(mode, m): [] for mode in MODES for m in range(1, max_m + 1)}
-    bytes_read, unique = {m: [] for m in range(1, max_m + 1)}, {m: [] for m in range(1, max_m + 1)}
-    for r in range(repeats + 1):
-        for m in range(1, max_m + 1):
-            tokens = mx.array(rng.integers(0, vocab, (1, m)))
-            for mode in (MODES if r % 2 else MODES[::-1]):
-                with moe_dispatch.dispatch_mode(mode):
-                    t = timed(lambda: model(tokens, cache))
-                rollback(cache, m)
-                if r:
-                    times[mode, m].append(t)
-            if r:  # the weight bytes this pass reads at best (same tokens, counted once more outside the timing)
-                with traffic:
-                    mx.eval(model(tokens, cache))
-                    s = traffic.summary(m)
-                rollback(cache, m)
-                bytes_read[m].append(s["verify_weight_bytes"])
-                unique[m].append(s["experts_per_moe_layer_pass"])
-    base = statistics.median(times["stock", 1])
-    b1 = float(np.mean(bytes_read[1]))
-    rows = [{"m": m, "unique_experts": float(np.mean(unique[m])), "bytes_bound": float(np.mean(bytes_read[m])) / b1,
-             **{mode: statistics.median(times[mode, m]) / base for mode in MODES}} for m in range(1, max_m + 1)]
-    n_params = sum(p.size for _, p in tree_flatten(model.parameters()))
-    return {"parameters": n_params, "weight_bytes_1_token": b1, "stock_1_ms": base * 1e3, "rows": rows}
+    model.config = {"torch_dtype": str(dtype).split(".")[-1]}  # what WeightTraffic reads the itemsize from
+    res = verify_curve(model, max_m, repeats, modes=MODES, seed=seed)  # the curve `mlxmtp doctor -m` prints
+    res["parameters"] = sum(p.size for _, p in tree_flatten(model.parameters()))
+    res["stock_1_ms"] = res["one_token_ms"]
+    return res
 
 
 def print_table(title: str, res: dict) -> None:
