@@ -216,8 +216,8 @@ def test_turns_prefill_only_new_tokens(demo, draft):
         assert s.messages[-1]["content"] == fresh.text
         new = s.last_stats.prompt_tokens - s.last_stats.cached_tokens
         assert s.last_stats.prompt_tokens == len(prompt)
-        if i:
-            assert new == len(prompt) - len(before) + 1, i
+        if i:  # plain decoding is pipelined: its queued pass has already fed the reply's last token
+            assert new == len(prompt) - len(before) + (1 if draft else 0), i
             assert re.search(rf"\[prompt {new} new \+ {len(prompt) - new} cached tok", echo.err[-1])
 
 
