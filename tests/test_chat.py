@@ -204,8 +204,9 @@ def demo():
 
 @pytest.mark.parametrize("draft", [0, 2])
 def test_turns_prefill_only_new_tokens(demo, draft):
-    """Six turns on the demo model: from turn 2 on, the prompt tokens prefilled are the new message's plus the
-    reply's last token (emitted, never fed), and each reply equals a fresh generation from the whole conversation."""
+    """Six turns on the demo model: from turn 2 on, the prompt tokens prefilled are the new message's (plus, with
+    MTP, the reply's last token, emitted but never fed), and each reply equals a fresh generation from the whole
+    conversation."""
     s, echo = session(demo, max_tokens=12, draft=draft)
     lines = ["def add(a, b):", "def sub(a, b):", "class Point:", "import os", "for x in y:", "return None"]
     for i, line in enumerate(lines):
