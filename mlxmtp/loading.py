@@ -199,10 +199,15 @@ def _keep_fp32(model, name: str) -> bool:
     return any(name.endswith(s) for s in getattr(model, "float32_params", ()))
 
 
+def _no_length_warning(record: logging.LogRecord) -> bool:
+    """transformers warns about every prompt longer than model_max_length ("Token indices sequence length is longer
+    than the specified maximum ..."); mlxmtp checks the context itself and says so in its own words."""
+    return "Token indices sequence length is longer" not in record.getMessage()
+
+
 def load_tokenizer(path_or_repo: Union[str, Path]):
     """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template); EOS ids from generation_config.json."""
     from mlx_lm.tokenizer_utils import load as load_tok
-    from transformers.utils import logging as hf_logging
 
     path = resolve(path_or_repo)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists() \
@@ -215,9 +220,7 @@ def load_tokenizer(path_or_repo: Union[str, Path]):
             eos = json.loads(f.read_text()).get("eos_token_id", eos)
             if eos is not None:
                 break
-    # transformers warns about every prompt longer than model_max_length ("Token indices sequence length is longer
-    # than the specified maximum ..."); mlxmtp checks the context itself and says so in its own words.
-    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(_no_length_warning)
     try:
         return load_tok(path, eos_token_ids=eos)
     except Exception as e:  # noqa: BLE001 - a broken tokenizer file is a user-facing error

@@ -157,3 +157,16 @@ def test_fp8_checkpoint(ckpt, tmp_path, model):
     orig = params(model)
     w = "model.layers.2.mlp.switch_mlp.gate_proj.weight"  # within E4M3's precision (3 mantissa bits) of the original
     assert np.abs(fp8[w] - orig[w]).max() <= 2**-4 * np.abs(orig[w]).max()
+
+
+def test_load_without_argument_is_the_demo():
+    model, tokenizer = mlxmtp.load()
+    assert model.load_report["path"] == str(mlxmtp.demo_model_path()) and model.num_mtp_modules == 1
+    assert tokenizer.encode("def f(x):")
+
+
+def test_long_prompt_gives_no_transformers_warning(capfd):
+    tokenizer = mlxmtp.load_tokenizer(mlxmtp.demo_model_path())  # model_max_length 2048
+    capfd.readouterr()
+    assert len(tokenizer.encode("x = 1\n" * 2000)) > 2048
+    assert "Token indices sequence length" not in capfd.readouterr().err
