@@ -255,3 +255,31 @@ def test_cli_errors(deepseek, tmp_path, how, args, message):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.output and sorted(tmp_path.iterdir()) == before
+
+
+def test_cli_model_option_and_summary(tmp_path):
+    """-m works as the positional; what was written is printed; converted_from is absolute; the demo's
+    heldout_files.txt (bench's default suite for it) is carried over."""
+    demo = mlxmtp.demo_model_path()
+    shutil.copytree(demo, tmp_path / "demo")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = run("convert", "-m", "demo", "-o", "q", "--group-size", 32)
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "q"
+    lines = r.output.splitlines()
+    assert lines[0].startswith(f"wrote {out} (") and "1 weight file" in lines[0]
+    assert "4-bit affine, group size 32" in lines[1]
+    assert "trunk: 4-bit" in lines[2] and "MTP: 8-bit" in lines[2] and "embedding+head: 4-bit" in lines[2]
+    assert lines[3].split() == ["MTP", "modules", "1", "kept", "of", "1", "declared"]
+    assert json.loads((out / "config.json").read_text())["mlxmtp"]["converted_from"] == str(tmp_path / "demo")
+    assert (out / "heldout_files.txt").read_text() == (demo / "heldout_files.txt").read_text()
+    r = run("convert", "demo", "-m", "other", "-o", tmp_path / "q2")
+    assert r.exit_code == 1 and "two checkpoints given" in r.stderr
+    r = run("convert", "-o", tmp_path / "q2")
+    assert r.exit_code == 1 and r.stderr.startswith("error: no checkpoint given")
