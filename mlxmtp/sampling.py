@@ -33,9 +33,11 @@ import numpy as np
 # are ordered by pairwise comparison (no sort at all), more by a stable sort of the candidates.
 CANDIDATES = (256, 4096)
 PAIRWISE = 256
-# numpy backend: logits within WINDOW * temperature of the maximum are the first candidate set (exp(-WINDOW) is
-# ~2e-9 of the top token's probability); widened by doubling.
-WINDOW = 20.0
+# numpy backend: logits within WINDOW * temperature of the maximum are top-p's first candidate set (each id outside
+# has under exp(-WINDOW) = 2% of the top id's probability), top-k's within TOPK_WINDOW (ids are only counted while
+# the window grows); widened by doubling.
+WINDOW = 4.0
+TOPK_WINDOW = 0.5
 # Rows are sampled by inverse CDF over blocks of this many entries (float64 sums; exact up to rounding).
 BLOCK = 128
 
@@ -84,12 +86,6 @@ class SamplingParams:
             p = np.where(drop, 0.0, p)
             p /= p.sum(-1, keepdims=True)
         return p
-
-
-def sample(p: np.ndarray, rng: np.random.Generator) -> int:
-    """One draw from a probability vector (inverse CDF on a float64 uniform)."""
-    c = np.cumsum(p)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
 def default_backend() -> str:
@@ -193,38 +189,41 @@ class Dist:
 
 
 def np_distribution(x: np.ndarray, params: SamplingParams, exact: bool = True) -> Dist:
-    """One row of float32 logits -> its final Dist. Candidates: the logits within a window of the maximum, widened
-    (doubling) until they hold top_k ids and the top-p mass; exact=False (a drafter's q) keeps the first window."""
+    """One row of float32 logits -> its final Dist. Candidates: the logits within a window of the maximum (first
+    WINDOW * temperature), doubled until they hold top_k ids and the top-p mass; only they are sorted. exact=False
+    keeps the first window (a proposal q need not be the full-sort one; the tests use it to show the widening)."""
     V = x.shape[0]
-    m = float(x.max())
+    m = np.float32(x.max())
     T = params.temperature
-    truncated = 0 < params.top_k < V or params.top_p < 1
-    if not truncated:
-        e = np.exp((x - m) / T, dtype=np.float64) if V <= 4096 else np.exp((x - m) / np.float32(T)).astype(np.float64)
-        return Dist(None, e / e.sum())
-    Z = None if 0 < params.top_k < V else float(np.exp((x - m) / np.float32(T)).sum(dtype=np.float64))
-    width = WINDOW * T
+    top_k = params.top_k if 0 < params.top_k < V else 0
+    if V <= 4096:
+        e = np.exp((x.astype(np.float64) - float(m)) / T)
+    else:  # float32 exp over the vocabulary (numpy's is vectorised), float64 sums
+        e = np.subtract(x, m, dtype=np.float32)
+        e *= np.float32(1 / T)
+        np.exp(e, out=e)
+    if not top_k and params.top_p >= 1:
+        return Dist(None, e / e.sum(dtype=np.float64))
+    width = (TOPK_WINDOW if top_k else WINDOW) * T
     while True:  # width grows to inf (every id) at worst
+        if top_k and np.count_nonzero(x >= m - width) < top_k:
+            width = width * 2 if width < 1e4 * T else np.inf
+            continue
         ids = np.flatnonzero(x >= m - width)
-        xc = x[ids].astype(np.float64)
-        if 0 < params.top_k < V:
-            if len(ids) < params.top_k:
+        xc = x[ids]
+        if top_k:
+            kth = np.partition(xc, -top_k)[-top_k]
+            sel = xc >= kth  # ties with the k-th stay, as in the reference
+            ids, xc = ids[sel], xc[sel]
+        w = e[ids].astype(np.float64)
+        w /= w.sum() if top_k else e.sum(dtype=np.float64)  # the normaliser: over the top-k set or the vocabulary
+        if params.top_p < 1:
+            if not (top_k or len(ids) == V or not exact or w.sum() >= params.top_p):
                 width = width * 2 if width < 1e4 * T else np.inf
                 continue
-            kth = np.partition(xc, -params.top_k)[-params.top_k]
-            sel = xc >= kth
-            ids, xc = ids[sel], xc[sel]
-        e = np.exp((xc - m) / T)
-        z = e.sum() if Z is None else Z
-        w = e / z
-        if params.top_p < 1:
-            order = np.lexsort((ids, -xc))  # logit desc, id asc: the reference's stable order
+            order = np.argsort(-xc, kind="stable")  # logit desc, id asc (ids ascend): the reference's order
             ws = w[order]
             keep_sorted = (np.cumsum(ws) - ws) < params.top_p
-            inside = Z is None or len(ids) == V or not exact or ws.sum() >= params.top_p
-            if not inside:
-                width = width * 2 if width < 1e4 * T else np.inf
-                continue
             keep = np.zeros(len(ids), dtype=bool)
             keep[order] = keep_sorted
             ids, w = ids[keep], w[keep]
@@ -287,7 +286,6 @@ class Sampler:
         seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
         self.rng = np.random.default_rng(seed)
         self.key = mx.random.key(seed % 2**63)
-        self.on_device = params.greedy or self.backend == "mlx"  # drafts and acceptance stay device work
         # Plain rounds can be queued ahead (no data-dependent widening): greedy, or top-p off on the device.
         self.pipelined = params.greedy or (self.backend == "mlx" and params.top_p >= 1)
         self.syncs = 0

@@ -76,16 +76,16 @@ def test_distributions_equal_reference(V):
 
 def test_candidate_widening():
     """Flat logits: the first candidates hold ~4% of the mass, so top-p 0.5 needs the second set (mlx), and a
-    window of WINDOW around the maximum misses the tail mass that top-p 1 - 1e-7 needs (numpy)."""
+    window of WINDOW around the maximum misses the tail mass that top-p 0.5 needs (numpy)."""
     V = 6000
     x = np.random.default_rng(1).uniform(0, 0.1, (2, V)).astype(np.float32)
     params = SamplingParams(1.0, top_p=0.5)
     assert [bool(np.array(mx_distribution(mx.array(x), params, n)[1]).all()) for n in CANDIDATES] == [False, True]
     check_backends(x, params)
 
-    y = np.full(V, -(sampling.WINDOW + 1), dtype=np.float32)  # just outside the first window: 2e-6 of the mass
+    y = np.full(V, -(sampling.WINDOW + 1), dtype=np.float32)  # just outside the first window
     y[7] = 0.0
-    params = SamplingParams(1.0, top_p=1 - 1e-7)
+    params = SamplingParams(1.0, top_p=0.5)  # the top id holds 1 / (1 + 2999 e^-5) = 5%
     ref = params.distribution(mx.array(y[None]))[0]
     assert (ref > 0).sum() > 1  # the tail is in the nucleus
     np.testing.assert_allclose(dense(np_distribution(y, params), V), ref, atol=1e-9, rtol=1e-4)

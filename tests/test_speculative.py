@@ -169,7 +169,7 @@ def test_sampling_distribution_is_exact(sampling_model, params, k, backend, monk
     monkeypatch.setenv("MLXMTP_SAMPLER", backend)
     prompt = [0, 1, 2, 3]
     probs = exact_joint(sampling_model, prompt, params)
-    runs = 2000
+    runs = 2000 if backend == "numpy" else 1000  # the device path costs more per round on a CPU
     counts = sampled_counts(sampling_model, prompt, params, k, runs)
     st = RoundStats()
     take(decode(sampling_model, prompt, params, draft_tokens=k, seed=0, stats=st), 50)
