@@ -159,6 +159,8 @@ def memory_budget() -> tuple[int, str]:
 
 
 def _analyse(path_or_repo, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"context must be a whole number of tokens >= 1, got {context!r}")
     path, config, tensors = _scan(path_or_repo)
     family, args = _family_args(config)
     n_layers, q = config["num_hidden_layers"], config.get("quantization") or {}

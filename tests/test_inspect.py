@@ -135,6 +135,12 @@ def test_bad_flags(deepseek, args, words):
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
 
 
+def test_api_refuses_a_context_below_one(deepseek):
+    for bad in (0, -5, 1.5):
+        with pytest.raises(ValueError, match="context must be"):
+            inspection.inspect_checkpoint(deepseek, context=bad)
+
+
 def test_model_as_option(deepseek):
     assert json.loads(run("inspect", "-m", deepseek, "--json").stdout) == json.loads(run("inspect", deepseek,
                                                                                           "--json").stdout)
