@@ -158,8 +158,11 @@ def main() -> None:
         rows = []
         for sname, params in SETTINGS.items():
             for k in range(args.max_k + 1):
+                # isolated costs measured next to the rounds they are compared with (the load on a shared machine
+                # drifts)
+                near = pass_costs(model, prompt, k, args.repeats)
                 r = measure_rounds(model, prompt, params, k, args.rounds)
-                isolated = (costs["verify"][k] + k * costs["draft"]) * 1e3
+                isolated = (near["verify"][k] + k * near["draft"]) * 1e3
                 rows.append({"setting": sname, "k": k, **r, "isolated_ms": isolated,
                              "overhead_ms": r["round_ms"] - isolated})
         greedy = {r["k"]: r["round_ms"] for r in rows if r["setting"] == "greedy"}

@@ -244,11 +244,14 @@ def test_auto_matches_plain_and_reports_stats(tokenizer, tmp_path, monkeypatch):
         plain = generation.generate(model, tokenizer, p, max_tokens=20, draft_tokens=0)
         auto = generation.generate(model, tokenizer, p, max_tokens=20, draft_tokens="auto")
         assert auto.tokens == plain.tokens
+        if auto.stats.target_forwards:
+            assert auto.stats.syncs_per_round == 1.0  # greedy: one synchronisation per round
     d = auto.stats.to_dict()
     for key in ("prompt_tokens", "prefill_tokens_per_s", "generated_tokens", "decode_tokens_per_s",
                 "target_forwards", "drafted", "accepted", "acceptance_rate", "mean_accepted_length",
-                "acceptance_by_depth", "peak_memory_gb"):
+                "acceptance_by_depth", "syncs_per_round", "rounds_by_depth", "peak_memory_gb"):
         assert key in d
+    assert sum(d["rounds_by_depth"]) == d["target_forwards"]  # what auto chose, round by round
     assert (tmp_path / "costs.json").exists()
 
 
