@@ -26,7 +26,7 @@ from .convert import (BITS, DTYPES, ROUTERS, check_choice, check_free_space, che
                       sigterm_as_interrupt, source_dtype, source_name, write_error)
 from .errors import CheckpointError, MLXMTPError
 from .inspection import mtp_index
-from .loading import _keep_fp32, read_config, resolve, weight_files
+from .loading import keeps_float32, read_config, resolve, weight_files
 from .models import get_family
 from .safetensors_io import dequantize_fp8, load_file, read_header, save_file
 
@@ -113,7 +113,7 @@ def mtp_modules(config: dict, files: list[Path], dtype) -> tuple[nn.Module, dict
     for k, p in params.items():
         if weights[k].shape != p.shape:
             raise CheckpointError(f"tensor {k!r} has shape {tuple(weights[k].shape)}, expected {tuple(p.shape)}")
-    weights = {k: (v.astype(mx.float32 if _keep_fp32(model, k) else dtype) if mx.issubdtype(v.dtype, mx.floating)
+    weights = {k: (v.astype(mx.float32 if keeps_float32(model, k) else dtype) if mx.issubdtype(v.dtype, mx.floating)
                    else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     return model, weights

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .errors import CheckpointError, MLXMTPError
 from .models import get_family
-from .safetensors_io import dequantize_fp8, load_file, read_header
+from .safetensors_io import dequantize_fp8, load_file
 
 log = logging.getLogger("mlxmtp")
 
@@ -82,14 +82,6 @@ def weight_files(path: Path) -> list[Path]:
             raise CheckpointError(f"{path} has no safetensors weights (mlxmtp reads only safetensors)")
         raise CheckpointError(f"no *.safetensors weights in {path}")
     return files
-
-
-def checkpoint_nbytes(path: Path) -> int:
-    """Bytes of tensor data in a checkpoint, read from the safetensors headers alone."""
-    total = 0
-    for f in weight_files(path):
-        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for t in read_header(f).values())
-    return total
 
 
 def _quantization_predicate(config: dict, weights: dict):
@@ -174,7 +166,7 @@ def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None, laz
 
     dtype = dtype if dtype is not None else default_dtype()
     if dtype is not None:
-        weights = {k: (v.astype(mx.float32 if _keep_fp32(model, k) else dtype)
+        weights = {k: (v.astype(mx.float32 if keeps_float32(model, k) else dtype)
                        if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     del weights
@@ -195,7 +187,7 @@ def load_model(path_or_repo: Union[str, Path], mtp: bool = True, dtype=None, laz
     return model
 
 
-def _keep_fp32(model, name: str) -> bool:
+def keeps_float32(model, name: str) -> bool:
     return any(name.endswith(s) for s in getattr(model, "float32_params", ()))
 
 
