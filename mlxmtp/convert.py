@@ -47,7 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from . import __version__
 from .errors import MLXMTPError
-from .inspection import component
+from .inspection import component, total_memory
 from .loading import load_model, read_config, resolve
 from .safetensors_io import save_file
 
@@ -60,6 +60,11 @@ MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 COPY_PATTERNS = ("tokenizer*.json", "*.model", "*.tiktoken", "special_tokens_map.json", "generation_config.json",
                  "chat_template*", "heldout_files.txt")
 FREE_SPACE_MARGIN = 64 << 20  # headers, index, config and tokenizer files on top of the tensor bytes
+# Peak of a conversion: the process, plus at most this many times its largest tensor (an FP8 layer's experts being
+# stacked: decoded inputs, float32 products, the stacked tensor, its quantization), measured 4-5x on the synthetic
+# FP8 checkpoints (tests/fp8_checkpoint.py).
+PROCESS_BYTES = 512 << 20
+PEAK_PER_LARGEST = 6
 PARTIAL_MARKER = ".mlxmtp-partial"  # inside a partial directory: the pid of the conversion writing it
 ROUTERS = ("gate", "router", "shared_expert_gate")  # leaf names of MoE routers: few outputs, precision-critical
 
@@ -201,6 +206,16 @@ def check_free_space(out: Path, directory: Path, needed: int) -> None:
                           f"{_size(free)} free")
 
 
+def check_memory(model: nn.Module) -> None:
+    """Warn before any weight is read when this machine's memory is below the conversion's projected peak: the
+    process plus PEAK_PER_LARGEST times the largest tensor (tests/test_convert_streaming.py measures it)."""
+    largest = max((v.nbytes for _, v in tree_flatten(model.parameters())), default=0)
+    need, have = PROCESS_BYTES + PEAK_PER_LARGEST * largest, total_memory()
+    if need > have:
+        log.warning(f"converting needs about {_size(need)} of memory at its peak ({PEAK_PER_LARGEST}x the largest "
+                    f"tensor, {_size(largest)}); this machine has {_size(have)}")
+
+
 def write_error(e: OSError, out: Path) -> MLXMTPError:
     """An OSError while converting (disk full, I/O error, a file that vanished) as one line for the user."""
     why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
@@ -297,6 +312,7 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, grou
         try:
             # Lazy: this reads the safetensors headers only; every size below is known before any weight is read.
             model = load_model(path, mtp=mtp, dtype=DTYPES[dtype], lazy=True)
+            check_memory(model)
             quant = quantize(model, bits, group_size, mtp_bits, embed_bits)
             config.update(quantization=quant, quantization_config=quant,
                           mlxmtp={"converted_from": source_name(src), "version": __version__,

@@ -139,3 +139,10 @@ def test_disk_full_while_writing(tiny, tmp_path, monkeypatch):
     one_error_line(run("convert", tiny, "-o", tmp_path / "q", "--group-size", 32),
                    "no space left on the device", "partial output was removed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_too_little_memory_warned_before_reading(tiny, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(conv, "total_memory", lambda: 2**20)
+    r = run("convert", tiny, "-o", tmp_path / "q", "--group-size", 32)
+    assert r.exit_code == 0, r.output  # a warning: the projection may be pessimistic
+    assert any(m.startswith("converting needs about") and "this machine has 1.0 MB" in m for m in caplog.messages)
