@@ -6,9 +6,9 @@ the number of unique experts per MoE layer.
 
 Two levels, both with random weights (float32 by default: on Linux only float32 goes through BLAS):
 - one MoE layer (SwitchGLU) of the stand-in's proportions, routed by a random softmax router;
-- a whole stand-in model built by the family code: DeepSeek-V3 proportions (MLA, 128 experts, top-8, group-limited
-  routing, shared expert) and Qwen3.5-MoE proportions (Gated DeltaNet + attention layers, 256 experts, top-10,
-  gated shared expert), a few layers, a verify pass of m tokens over a 64-token cache.
+- a whole stand-in model built by the family code: DeepSeek-V3 proportions (MLA, 64 experts, top-8, group-limited
+  routing, shared expert) and Qwen3.5-MoE proportions (Gated DeltaNet + attention layers, 128 experts, top-10,
+  gated shared expert), two MoE layers each, a verify pass of m random tokens over a 64-token cache.
 Every cost(m) is a median over repeats with fresh tokens each time (so the experts read are not the ones cached by
 the last call); stock and union alternate within each repeat; ratios are against the stock 1-token step measured in
 the same run (what plain decoding costs). On a Mac the same script is the measurement users send back.
@@ -37,17 +37,20 @@ from mlxmtp.doctor import verify_curve
 from mlxmtp.models import deepseek_v3, moe_dispatch, qwen3_next
 from mlxmtp.models.layers import SwitchGLU, softmax_topk
 
+# Experts of 12-25 MB in float32, so that the k experts of one token (100-200 MB) do not fit the CPU's last-level
+# cache (32 MB here) and every expert read comes from memory, as on a GPU; smaller experts stay cached between the
+# pairs of one pass on a CPU and the per-pair path looks cheaper than any bytes bound.
 STAND_INS = {
-    "deepseek_v3": (deepseek_v3, dict(
-        vocab_size=16384, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=8, n_shared_experts=1, n_routed_experts=128, routed_scaling_factor=2.5, kv_lora_rank=128,
-        q_lora_rank=256, qk_rope_head_dim=32, v_head_dim=64, qk_nope_head_dim=64, n_group=8, topk_group=4,
-        num_experts_per_tok=8, first_k_dense_replace=1, max_position_embeddings=4096)),
-    "qwen3_5_moe": (qwen3_next, dict(
-        vocab_size=16384, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=128, linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
-        linear_value_head_dim=64, num_experts=256, num_experts_per_tok=10, moe_intermediate_size=128,
-        shared_expert_intermediate_size=128, full_attention_interval=4)),
+    "deepseek_v3": (deepseek_v3, dict(  # 64 experts of 25 MB, top-8 of 8 groups, shared expert, MLA; 3 layers
+        vocab_size=16384, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024, num_hidden_layers=3,
+        num_attention_heads=16, n_shared_experts=1, n_routed_experts=64, routed_scaling_factor=2.5,
+        kv_lora_rank=256, q_lora_rank=512, qk_rope_head_dim=32, v_head_dim=64, qk_nope_head_dim=64, n_group=8,
+        topk_group=4, num_experts_per_tok=8, first_k_dense_replace=1, max_position_embeddings=4096)),
+    "qwen3_5_moe": (qwen3_next, dict(  # 128 experts of 12.6 MB, top-10, gated shared expert; a GDN + an attention layer
+        vocab_size=16384, hidden_size=2048, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=64,
+        linear_value_head_dim=64, num_experts=128, num_experts_per_tok=10, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, full_attention_interval=2)),
 }
 MODES = ("stock", "union")
 
