@@ -35,6 +35,7 @@ import re
 import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -532,7 +533,7 @@ def distill_head(trunk_dir: Path, out: Path, texts: list[str], args) -> None:
                     lr=args.head_lr, warmup=20, seed=args.seed, generate_tokens=args.head_gen_tokens,
                     gen_prompt_tokens=32, gen_new_tokens=96, gen_temperature=args.head_gen_temperature,
                     eval_every=100, save_every=50, dtype="bfloat16")
-    work = Path(args.head_work) if args.head_work else out.with_name(out.name + ".train-heads")
+    work = Path(args.head_work or Path(tempfile.gettempdir()) / f"mlxmtp-{out.name}.train-heads")  # not in the package
     t0 = time.time()
 
     def on_step(step: int, loss: float) -> None:
@@ -582,7 +583,7 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--head-gen-tokens", type=int, default=100_000, help="trunk generations the head trains on")
     ap.add_argument("--head-gen-temperature", type=float, default=0.5)
-    ap.add_argument("--head-work", default=None, help="train-heads work dir (default: beside --out)")
+    ap.add_argument("--head-work", default=None, help="train-heads work dir (default: in the temp dir)")
     ap.add_argument("--head-snapshots", default=None, metavar="DIR",
                     help="keep a copy of the head's state every 50 steps here (acceptance vs training time)")
     ap.add_argument("--heads-from", default=None, metavar="DIR",
