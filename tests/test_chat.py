@@ -62,8 +62,9 @@ def test_chat_through_stdin(ckpt, loaded):
     assert len(stats) == 2 and all("tok/s" in s and "tau" in s and "acceptance" in s for s in stats)
     # the second prompt is the conversation so far, the new message on a new line: same text as generating
     # from it directly
-    first = mlxmtp.generate(*loaded, "hello", max_tokens=6, draft_tokens=0).text
-    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+    r1 = mlxmtp.generate(*loaded, "hello", max_tokens=6, draft_tokens=0)
+    first = r1.text  # the reply continues as the ids it was generated as (conversation.py)
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first, "ids": r1.tokens},
                 {"role": "user", "content": "more \ntext"}]
     second = mlxmtp.generate(*loaded, conversation_ids(loaded[1], messages), max_tokens=6, draft_tokens=0).text
     assert r.stdout.startswith(f"{first}\n{second}\n") and "verify passes" in r.stdout
@@ -169,7 +170,7 @@ def test_ctrl_c_mid_reply_keeps_conversation(ckpt, monkeypatch):
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("partial\n") and "(stopped)" in r.stderr
     assert json.loads(f.read_text())["messages"] == [{"role": "user", "content": "hello"},
-                                                     {"role": "assistant", "content": "partial"}]
+                                                     {"role": "assistant", "content": "partial", "ids": [1, 2]}]
 
 
 def test_conversation_outgrowing_context(loaded):

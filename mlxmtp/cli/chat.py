@@ -54,6 +54,10 @@ A line ending in \\ continues on the next line; at a terminal Esc Enter inserts 
 Ctrl-C stops a reply (the partial reply is kept)."""
 
 
+def _token_ids(v) -> bool:
+    return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
+
+
 class ChatSession:
     """The REPL's logic without terminal I/O: ``handle`` takes one message or slash command."""
 
@@ -98,7 +102,7 @@ class ChatSession:
     def reply(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         kept = list(self.messages)
-        s, parts, stats = self.settings, [], None
+        s, parts, reply_ids, stats = self.settings, [], [], None
         try:
             ids = self.fit_context()
         except ValueError as e:
@@ -113,6 +117,7 @@ class ChatSession:
             for inc in steps:
                 self.echo(inc.text, nl=False)
                 parts.append(inc.text)
+                reply_ids += inc.tokens
                 stats = inc.stats
             note = {"length": " (max_tokens reached)", "context": " (context full)"}.get(inc.finish_reason, "")
         except ValueError as e:
@@ -125,7 +130,7 @@ class ChatSession:
         finally:
             self.cache.store(state)  # dropped there if Ctrl-C came in the middle of a pass
         self.echo()
-        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        self.messages.append({"role": "assistant", "content": "".join(parts), "ids": reply_ids})
         self.last_stats = stats
         if stats is not None:
             acc = f"acceptance {stats.acceptance_rate:.0%}" if stats.drafted else "no drafts"
@@ -214,7 +219,8 @@ class ChatSession:
         if not isinstance(msgs, list) or not all(
                 isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
             raise MLXMTPError(f"{arg} is not a conversation written by /save")
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        self.messages = [{"role": m["role"], "content": m["content"],
+                          **({"ids": m["ids"]} if _token_ids(m.get("ids")) else {})} for m in msgs]
         self.last_stats = None
         self.echo(f"loaded {len(self.messages)} messages")
 
