@@ -173,7 +173,6 @@ def test_plot_without_matplotlib(ckpt, tmp_path, monkeypatch):
 
 
 def test_plot_title_inside_the_figure(tmp_path):
-    pytest.importorskip("matplotlib")  # the optional [plot] extra
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

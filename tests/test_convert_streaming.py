@@ -103,7 +103,7 @@ def test_fp8_block_broadcast_equals_repeat():
     assert mx.array_equal(got, (w.astype(mx.float32) * repeated).astype(mx.bfloat16)).item()
 
 
-CHILD = textwrap.dedent("""
+CHILD = textwrap.dedent(r"""
     import json, re, sys
     import mlxmtp.convert as conv
     conv.convert(sys.argv[3], sys.argv[2] + "-warmup", bits=4, group_size=32)  # every import (torch...) done

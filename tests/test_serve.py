@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 from click.testing import CliRunner
 
@@ -23,7 +24,6 @@ import mlxmtp
 from mlxmtp.cli.main import cli
 from mlxmtp.conversation import conversation_ids
 
-openai = pytest.importorskip("openai")  # the test extra installs it
 
 START_TIMEOUT_S = 120
 
