@@ -22,8 +22,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import __version__
-from .convert import (BITS, DTYPES, ROUTERS, check_choice, check_free_space, check_out, finish, open_partial,
-                      sigterm_as_interrupt, source_dtype, source_name, write_error)
+from .convert import (BITS, DTYPES, ROUTERS, check_choice, check_free_space, check_out, finish, partial_output,
+                      sigterm_as_interrupt, source_dtype, source_name)
 from .errors import CheckpointError, MLXMTPError
 from .inspection import mtp_index
 from .loading import keeps_float32, read_config, resolve, weight_files
@@ -140,8 +140,7 @@ def add_mtp(original: Union[str, Path], quant: Union[str, Path], out: Union[str,
     group_size = q.get("group_size", 64)
 
     with sigterm_as_interrupt():
-        tmp = open_partial(out)
-        try:
+        with partial_output(out) as tmp:
             model, _ = mtp_modules(oconfig, files, DTYPES[source_dtype(raw)])
 
             def predicate(path: str, module: nn.Module):
@@ -182,10 +181,4 @@ def add_mtp(original: Union[str, Path], quant: Union[str, Path], out: Union[str,
                              "version": __version__}
             (tmp / "config.json").write_text(json.dumps(raw, indent=2))
             finish(tmp, out, force)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(e, out) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out

@@ -216,6 +216,21 @@ def check_memory(model: nn.Module) -> None:
                     f"tensor, {_size(largest)}); this machine has {_size(have)}")
 
 
+@contextmanager
+def partial_output(out: Path):
+    """The partial directory an output is written into (open_partial); any failure removes it, and an OSError
+    (disk full, permissions) becomes one line (write_error)."""
+    tmp = open_partial(out)
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, out) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_error(e: OSError, out: Path) -> MLXMTPError:
     """An OSError while converting (disk full, I/O error, a file that vanished) as one line for the user."""
     why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
@@ -308,8 +323,7 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, grou
     dtype = dtype or source_dtype(config)
 
     with sigterm_as_interrupt(), _no_buffer_cache(), _progress(show_progress) as progress:
-        tmp = open_partial(out)
-        try:
+        with partial_output(out) as tmp:
             # Lazy: this reads the safetensors headers only; every size below is known before any weight is read.
             model = load_model(path, mtp=mtp, dtype=DTYPES[dtype], lazy=True)
             check_memory(model)
@@ -327,10 +341,4 @@ def convert(src: Union[str, Path], out: Union[str, Path], *, bits: int = 4, grou
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             copy_side_files(path, tmp)
             finish(tmp, out, force)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(e, out) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
