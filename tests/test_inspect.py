@@ -164,3 +164,11 @@ def test_cli_errors(deepseek, tmp_path, how, message):
     assert r.exit_code == 1 and "Traceback" not in r.output
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_precision_shares_do_not_round_a_minority_away():
+    from mlxmtp.cli.inspect_cmd import _precision
+
+    assert _precision({"4-bit": 999_000, "bfloat16": 1_000}) == "4-bit >99%, bfloat16 <1%"
+    assert _precision({"float32": 10}) == "float32 100%"
+    assert _precision({"8-bit": 3, "bfloat16": 1}) == "8-bit 75%, bfloat16 25%"

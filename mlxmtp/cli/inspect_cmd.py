@@ -25,9 +25,15 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n < GB else f"{n / GB:.1f} GB" if n < 100 * GB else f"{n / GB:.0f} GB"
 
 
+def _share(x: float) -> str:
+    """A share as a whole percentage, where rounding would hide a minority (norms beside quantized weights: "4-bit
+    >99%, bfloat16 <1%", not "100%, 0%")."""
+    return "<1%" if 0 < x < 0.005 else ">99%" if 0.995 <= x < 1 else f"{x:.0%}"
+
+
 def _precision(shares: dict) -> str:
     total = sum(shares.values())
-    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])) or "-"
+    return ", ".join(f"{k} {_share(v / total)}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])) or "-"
 
 
 def render(r: dict) -> list[tuple[str, str]]:
