@@ -2,21 +2,25 @@
 
 ``SamplingParams.distribution`` is the float64 reference (temperature, top-k, top-p, in that order, as HF's and
 mlx-lm's samplers apply them); tests compare against it. Decoding uses a ``Sampler``, which computes the same
-distributions and applies the acceptance rule without copying a [rows, vocab] array anywhere:
+distributions and applies the acceptance rule without copying a [rows, vocab] array anywhere, in one host
+synchronisation per round:
 
-- "mlx" backend (the Metal path): drafts, the target's and drafter's distributions, the acceptance test, the
-  residual and the bonus token are all device arrays; a round hands back only [accepted count, next token,
-  drafts] in one synchronisation.
-- "numpy" backend (MLX's CPU back end, where exp / sort / categorical over a vocabulary are several times slower
-  than numpy's; linux-cpu.md): the same rule on zero-copy numpy views of the evaluated logits (CPU memory is the
-  device's), one synchronisation per sampled row.
+- Drafts are drawn on the device from a cheap proposal q: the target's transform restricted to the DRAFT_N largest
+  logits (found through block maxima, no pass over the vocabulary but a max). The acceptance rule is exact for
+  whatever q a draft was drawn from, as long as that q enters min(1, p/q) and the residual (Leviathan et al. 2023),
+  so only the target's p must be exact; q is kept as a sparse (ids, probs) device pair.
+- "mlx" backend (the Metal path): the target's distributions, the acceptance test, the residual and the bonus
+  token are device arrays too; a round hands back only [accepted count, next token, drafts].
+- "numpy" backend (MLX's CPU back end, where exp / sort / topk over a vocabulary are several times slower than
+  numpy's; linux-cpu.md): the round's one synchronisation evaluates the verify logits, drafts and q's together;
+  the rule then runs on zero-copy numpy views, computing p only for the rows it reaches.
 Greedy decoding is an argmax on the device in both (MLX's argmax is fast enough everywhere).
 
-Truncation without a full sort: top-k's threshold comes from a partial selection; top-p works on a candidate set
-(the ``CANDIDATES`` largest logits, or on the CPU a logit window around the maximum), widened only when the
-candidates do not hold the top-p mass; the normaliser over the whole vocabulary is one reduction. A drafter's
-distribution q is never widened: the acceptance rule is exact for whatever distribution the draft was drawn from,
-as long as that same q enters min(1, p/q) (Leviathan et al. 2023), so only the target's p must be exact.
+Exact top-p without sorting the nucleus: the nucleus is every id whose probability exceeds the cut value tau (the
+n-th largest probability, n = min{n : top-n mass >= top_p}) plus the first of the ids tied at tau, lower ids first
+(the reference's stable sort). numpy finds tau by a mass-weighted quickselect (np.partition on a shrinking working
+set, float64 sums, O(V) expected); the mlx backend tries the CANDIDATES largest logits first (ordered pairwise) and
+otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host synchronisation).
 """
 
 from __future__ import annotations
@@ -29,15 +33,17 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-# Candidate-set sizes the mlx backend tries for top-p before sorting the whole vocabulary; up to PAIRWISE candidates
-# are ordered by pairwise comparison (no sort at all), more by a stable sort of the candidates.
-CANDIDATES = (256, 4096)
-PAIRWISE = 256
-# numpy backend: logits within WINDOW * temperature of the maximum are top-p's first candidate set (each id outside
-# has under exp(-WINDOW) = 2% of the top id's probability), top-k's within TOPK_WINDOW (ids are only counted while
-# the window grows); widened by doubling.
-WINDOW = 4.0
-TOPK_WINDOW = 0.5
+# mlx backend: top-p's first candidate set (the largest logits, ordered by pairwise comparison); when it does not
+# hold the top-p mass the round is redone with the exact bisection (one more synchronisation, counted in `widened`).
+CANDIDATES = (256,)
+# Drafts: the proposal's support is the DRAFT_N largest logits, found among the DRAFT_N blocks of DRAFT_BLOCK ids
+# with the largest maxima (they hold the top DRAFT_N ids).
+DRAFT_N = 64
+DRAFT_BLOCK = 128
+# numpy backend: the quickselect's first split keeps the NP_CANDIDATES largest weights (a trained model's nucleus
+# usually fits), later splits halve; working sets of up to NP_SORT are sorted.
+NP_CANDIDATES = 512
+NP_SORT = 1024
 # Rows are sampled by inverse CDF over blocks of this many entries (float64 sums; exact up to rounding).
 BLOCK = 128
 
@@ -96,6 +102,7 @@ def default_backend() -> str:
     return "mlx" if mx.metal.is_available() else "numpy"
 
 
+
 # --- the mlx backend: every step a device array --------------------------------------------------------------------
 
 def _sum(e: mx.array) -> mx.array:
@@ -110,9 +117,33 @@ def _sum(e: mx.array) -> mx.array:
     return e.reshape(N, -1, BLOCK).sum(-1).sum(-1, keepdims=True)
 
 
+def _order_key(x: mx.array) -> mx.array:
+    """int32 keys ordered as the float32 values (IEEE bits, negatives' magnitude bits flipped; -0 made +0)."""
+    b = (x + 0.0).view(mx.int32)
+    return mx.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def _top_p_bisect(x: mx.array, p: mx.array, top_p: float) -> mx.array:
+    """The top-p keep mask of [N, V] probabilities p (logits x) without a sort: bisect the cut's key, the largest s
+    with mass(key >= s) >= top_p (32 steps cover every int32), then keep the ids above it and the first ties."""
+    key = _order_key(x)
+    lo, hi = key.min(-1, keepdims=True), key.max(-1, keepdims=True)
+    for _ in range(32):
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        reach = _sum(mx.where(key >= mid, p, 0.0)) >= top_p
+        lo, hi = mx.where(reach, mid, lo), mx.where(reach, hi, mid - 1)
+    above = (key > lo) & (p > 0)
+    tie = (key == lo) & (p > 0)
+    p_tie = mx.where(tie, p, 0.0).max(-1, keepdims=True)
+    need = mx.ceil((top_p - _sum(mx.where(above, p, 0.0))) / mx.maximum(p_tie, 1e-38))
+    rank = mx.cumsum(tie.astype(mx.int32), axis=-1) - tie  # ties in id order, as the reference's stable sort
+    return above | (tie & (rank < mx.maximum(need, 1)))
+
+
 def mx_distribution(logits: mx.array, params: SamplingParams, n_cand: int):
     """[N, V] logits -> ([N, V] float32 final probabilities, [N] bool: whether the n_cand candidates held the top-p
-    mass, i.e. the result equals the full-sort one). n_cand >= V sorts the whole vocabulary."""
+    mass, i.e. the result is exact). n_cand >= V: exact (every id ordered pairwise up to CANDIDATES[0] ids, else
+    the bisection)."""
     x = logits.astype(mx.float32)
     V = x.shape[-1]
     z = x / params.temperature
@@ -125,27 +156,30 @@ def mx_distribution(logits: mx.array, params: SamplingParams, n_cand: int):
     ok = mx.ones((x.shape[0],), dtype=mx.bool_)
     if params.top_p >= 1:
         return p, ok
-    if n_cand >= V:
-        cand = mx.broadcast_to(mx.arange(V), x.shape)
+    if n_cand >= V > CANDIDATES[0]:
+        p = mx.where(_top_p_bisect(x, p, params.top_p), p, 0.0)
+        return p / _sum(p), ok
+    if n_cand >= V:  # a small vocabulary: every id is a candidate
+        cand = mx.broadcast_to(mx.arange(V, dtype=mx.uint32), x.shape)
     else:
-        cand = mx.sort(mx.argpartition(-x, n_cand - 1, axis=-1)[:, :n_cand], axis=-1)  # ascending ids: stable ties
+        cand = mx.argpartition(-x, n_cand - 1, axis=-1)[:, :n_cand]
     xc, pc = mx.take_along_axis(x, cand, -1), mx.take_along_axis(p, cand, -1)
-    if n_cand <= PAIRWISE:  # mass before each candidate in (logit desc, id asc) order, by pairwise comparison
-        before = (xc[:, None, :] > xc[:, :, None]) | ((xc[:, None, :] == xc[:, :, None]) &
-                                                     (cand[:, None, :] < cand[:, :, None]))
-        mass_before = (before * pc[:, None, :]).sum(-1)
-    else:  # MLX's sort is stable: equal logits keep id order
-        order = mx.argsort(-xc, axis=-1)
-        ps = mx.take_along_axis(pc, order, -1)
-        mass_before = mx.put_along_axis(mx.zeros_like(pc), order, mx.cumsum(ps, axis=-1) - ps, -1)
+    keep_c = _pairwise_keep(xc, cand, pc, params.top_p)
     if n_cand < V:
         vc = xc.min(-1, keepdims=True)  # the candidates hold every id with a larger logit
         inside = mx.where(xc > vc, pc, 0.0).sum(-1) >= params.top_p
         ok = inside if kth is None else inside | (vc < kth)[:, 0]
-    keep_c = (mass_before < params.top_p) & (pc > 0)
     keep = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), cand, keep_c, -1)
     p = mx.where(keep, p, 0.0)
     return p / _sum(p), ok
+
+
+def _pairwise_keep(xc: mx.array, ids: mx.array, pc: mx.array, top_p: float) -> mx.array:
+    """Top-p on a candidate set [N, n]: the mass before each candidate in (logit desc, id asc) order by pairwise
+    comparison (no sort), kept while below top_p."""
+    before = (xc[:, None, :] > xc[:, :, None]) | ((xc[:, None, :] == xc[:, :, None]) &
+                                                 (ids[:, None, :] < ids[:, :, None]))
+    return ((before * pc[:, None, :]).sum(-1) < top_p) & (pc > 0)
 
 
 def mx_draw(w: mx.array, key: mx.array) -> mx.array:
@@ -153,6 +187,63 @@ def mx_draw(w: mx.array, key: mx.array) -> mx.array:
     E_i ~ Exp(1) picks i with probability w_i / sum w, with no cumulative sum to lose precision)."""
     e = -mx.log1p(-mx.random.uniform(shape=w.shape, key=key))
     return mx.argmax(w / e, axis=-1).astype(mx.int32)
+
+
+def top_ids(x: mx.array, n: int) -> mx.array:
+    """[N, V] float32 -> the ids of n largest values [N, min(n, V)] (order arbitrary). At a vocabulary, through the
+    n blocks of DRAFT_BLOCK with the largest maxima (every top-n value lies in one): a max over the vocabulary and
+    two small partitions, where MLX's CPU argpartition over the vocabulary costs ~10x an argmax."""
+    N, V = x.shape
+    if V <= n:
+        return mx.broadcast_to(mx.arange(V, dtype=mx.uint32), (N, V))
+    if V <= 8 * n * DRAFT_BLOCK:
+        return mx.argpartition(-x, n - 1, axis=-1)[:, :n]
+    B = DRAFT_BLOCK
+    pad = -V % B
+    xp = mx.concatenate([x, mx.full((N, pad), -mx.inf)], axis=-1) if pad else x
+    blocks = mx.argpartition(-xp.reshape(N, -1, B).max(-1), n - 1, axis=-1)[:, :n]
+    cand = (blocks[:, :, None] * B + mx.arange(B, dtype=blocks.dtype)).reshape(N, n * B)
+    top = mx.argpartition(-mx.take_along_axis(xp, cand, -1), n - 1, axis=-1)[:, :n]
+    return mx.minimum(mx.take_along_axis(cand, top, -1), V - 1)  # a padding id (only if -inf logits) -> V - 1
+
+
+class Proposal:
+    """A draft's distribution q: probabilities ``probs`` [1, n] (float32, summing to 1) on ``ids`` [1, n] (device
+    arrays; an id may repeat with probability 0)."""
+
+    __slots__ = ("ids", "probs")
+
+    def __init__(self, ids: mx.array, probs: mx.array):
+        self.ids, self.probs = ids, probs
+
+    def dense(self, V: int) -> mx.array:
+        return mx.zeros((1, V), dtype=mx.float32).at[mx.zeros_like(self.ids), self.ids].add(self.probs)
+
+    def host(self) -> "Dist":
+        """The evaluated q as a Dist with sorted ids (zero-copy reads; repeated ids merged)."""
+        ids = np.asarray(memoryview(self.ids))[0]
+        w = np.asarray(memoryview(self.probs))[0]
+        u, inv = np.unique(ids, return_inverse=True)
+        w = np.bincount(inv, weights=w, minlength=len(u))
+        return Dist(u.astype(np.int64), w / w.sum())
+
+
+def mx_propose(logits: mx.array, params: SamplingParams, n: int, key: mx.array):
+    """[1, V] logits -> (draft token int32 [1], its Proposal): temperature, top-k and top-p applied to the n largest
+    logits only, and a draw from that, all on the device."""
+    x = logits.astype(mx.float32)
+    ids = top_ids(x, n)
+    xc = mx.take_along_axis(x, ids, -1)
+    z = xc / params.temperature
+    e = mx.exp(z - z.max(-1, keepdims=True))
+    if 0 < params.top_k < xc.shape[-1]:
+        e = mx.where(xc >= mx.topk(xc, params.top_k, axis=-1).min(-1, keepdims=True), e, 0.0)
+    q = e / e.sum(-1, keepdims=True)
+    if params.top_p < 1:
+        q = mx.where(_pairwise_keep(xc, ids, q, params.top_p), q, 0.0)
+        q = q / q.sum(-1, keepdims=True)
+    tok = mx.take_along_axis(ids, mx_draw(q, key)[:, None], -1)[:, 0].astype(mx.int32)
+    return tok, Proposal(ids.astype(mx.int32), q)
 
 
 def mx_accept(drafts: mx.array, q: mx.array, p: mx.array, u: mx.array, key: mx.array):
@@ -173,7 +264,8 @@ def mx_accept(drafts: mx.array, q: mx.array, p: mx.array, u: mx.array, key: mx.a
 # --- the numpy backend: the same rule on zero-copy views of evaluated logits ---------------------------------------
 
 class Dist:
-    """A row's final distribution: probabilities ``w`` (float64, normalised) on ids ``ids`` (None: every id)."""
+    """A row's final distribution: probabilities ``w`` (float64, normalised) on ids ``ids`` (sorted; None: every
+    id)."""
 
     __slots__ = ("ids", "w")
 
@@ -183,51 +275,94 @@ class Dist:
     def at(self, tokens: np.ndarray) -> np.ndarray:
         if self.ids is None:
             return self.w[tokens]
-        pos = np.searchsorted(self.ids, tokens)
-        pos = np.minimum(pos, len(self.ids) - 1)
+        pos = np.minimum(np.searchsorted(self.ids, tokens), len(self.ids) - 1)
         return np.where(self.ids[pos] == tokens, self.w[pos], 0.0)
 
 
-def np_distribution(x: np.ndarray, params: SamplingParams, exact: bool = True) -> Dist:
-    """One row of float32 logits -> its final Dist. Candidates: the logits within a window of the maximum (first
-    WINDOW * temperature), doubled until they hold top_k ids and the top-p mass; only they are sorted. exact=False
-    keeps the first window (a proposal q need not be the full-sort one; the tests use it to show the widening)."""
-    V = x.shape[0]
-    m = np.float32(x.max())
-    T = params.temperature
-    top_k = params.top_k if 0 < params.top_k < V else 0
-    if V <= 4096:
-        e = np.exp((x.astype(np.float64) - float(m)) / T)
-    else:  # float32 exp over the vocabulary (numpy's is vectorised), float64 sums
-        e = np.subtract(x, m, dtype=np.float32)
-        e *= np.float32(1 / T)
-        np.exp(e, out=e)
-    if not top_k and params.top_p >= 1:
-        return Dist(None, e / e.sum(dtype=np.float64))
-    width = (TOPK_WINDOW if top_k else WINDOW) * T
-    while True:  # width grows to inf (every id) at worst
-        if top_k and np.count_nonzero(x >= m - width) < top_k:
-            width = width * 2 if width < 1e4 * T else np.inf
-            continue
-        ids = np.flatnonzero(x >= m - width)
-        xc = x[ids]
-        if top_k:
-            kth = np.partition(xc, -top_k)[-top_k]
-            sel = xc >= kth  # ties with the k-th stay, as in the reference
-            ids, xc = ids[sel], xc[sel]
-        w = e[ids].astype(np.float64)
-        w /= w.sum() if top_k else e.sum(dtype=np.float64)  # the normaliser: over the top-k set or the vocabulary
+def _cut(e: np.ndarray, t: float):
+    """Weights e (1-D, >= 0), target mass t <= e.sum() -> (w, A): the cut weight w = max{w : mass(e >= w) >= t}
+    and A = mass(e > w). A mass-weighted quickselect: each np.partition splits the working set at a pivot and the
+    side holding the cut is kept, the mass of the ids above it carried in `above` (always ids strictly larger than
+    the working set); small sets are sorted."""
+    a, above, split = e, 0.0, max(len(e) - NP_CANDIDATES, 0)
+    while len(a) > NP_SORT:
+        part = np.partition(a, split)
+        pivot, up = part[split], part[split:]  # part[:split] <= pivot <= up
+        m_up = up.sum(dtype=np.float64)
+        if above + m_up - pivot >= t:  # the ids after the pivot already reach t: the cut is among them
+            a = up[1:]
+        else:
+            low = part[:split]
+            n_eq = np.count_nonzero(low == pivot)
+            if above + m_up + n_eq * float(pivot) >= t:
+                return pivot, above + up[up > pivot].sum(dtype=np.float64)
+            above += m_up + n_eq * float(pivot)
+            a = low[low != pivot] if n_eq else low
+        split = len(a) // 2
+    s = np.sort(a)[::-1]
+    c = above + np.cumsum(s, dtype=np.float64)
+    w = s[min(int(np.searchsorted(c, t)), len(s) - 1)]  # the first prefix reaching t (rounding: the last id)
+    return w, above + s[s > w].sum(dtype=np.float64)
+
+
+class Row:
+    """One row of float32 logits -> its final distribution, computed as far as asked: ``at(tokens)`` needs only the
+    normaliser and the top-p cut; ``dist()`` materialises the nucleus. Weights are exp((x - max) / T) (float32 over
+    the vocabulary, numpy's exp being vectorised; float64 on a top-k set), sums in float64."""
+
+    def __init__(self, x: np.ndarray, params: SamplingParams):
+        V, T = x.shape[0], params.temperature
+        m = np.float32(x.max())
+        self.ids = None  # the top-k set (sorted ids) when top-k applies, else every id
+        if 0 < params.top_k < V:
+            kth = np.partition(x, V - params.top_k)[V - params.top_k]
+            self.ids = np.flatnonzero(x >= kth)  # ties with the k-th stay, as in the reference
+            x = x[self.ids]
+        if len(x) <= 4096:
+            e = np.exp((x.astype(np.float64) - float(m)) / T)
+        else:
+            e = np.subtract(x, m, dtype=np.float32)
+            e *= np.float32(1 / T)
+            np.exp(e, out=e)
+        self.e = e
+        Z = e.sum(dtype=np.float64)
+        self.cut = None  # top-p: the cut weight, and the positions (into e) of the ids tied with it that stay
+        self.mass = Z  # the kept mass (the normaliser)
         if params.top_p < 1:
-            if not (top_k or len(ids) == V or not exact or w.sum() >= params.top_p):
-                width = width * 2 if width < 1e4 * T else np.inf
-                continue
-            order = np.argsort(-xc, kind="stable")  # logit desc, id asc (ids ascend): the reference's order
-            ws = w[order]
-            keep_sorted = (np.cumsum(ws) - ws) < params.top_p
-            keep = np.zeros(len(ids), dtype=bool)
-            keep[order] = keep_sorted
-            ids, w = ids[keep], w[keep]
-        return Dist(ids, w / w.sum())
+            t = params.top_p * Z
+            w, A = _cut(e, t)
+            ties = np.flatnonzero(e == w)
+            if len(ties) > 1:  # equal weights: reference order is logit desc (float32 exp may merge), then id
+                ties = ties[np.lexsort((ties, -x[ties]))]
+            n = int(min(max(math.ceil((t - A) / float(w)), 1), len(ties))) if w > 0 else len(ties)
+            self.cut, self.kept_ties = w, np.sort(ties[:n])
+            self.mass = A + n * float(w)
+
+    def at(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if self.ids is None:
+            pos, inside = tokens, np.ones(tokens.shape, dtype=bool)
+        else:
+            pos = np.minimum(np.searchsorted(self.ids, tokens), len(self.ids) - 1)
+            inside = self.ids[pos] == tokens
+        ev = self.e[pos].astype(np.float64)
+        if self.cut is not None:
+            inside &= (self.e[pos] > self.cut) | np.isin(pos, self.kept_ties)
+        return np.where(inside, ev / self.mass, 0.0)
+
+    def dist(self) -> Dist:
+        if self.cut is None:
+            return Dist(self.ids, self.e / self.mass)
+        keep = self.e > self.cut
+        keep[self.kept_ties] = True
+        pos = np.flatnonzero(keep)
+        w = self.e[pos].astype(np.float64)
+        return Dist(pos if self.ids is None else self.ids[pos], w / w.sum())
+
+
+def np_distribution(x: np.ndarray, params: SamplingParams) -> Dist:
+    """One row of float32 logits -> its final Dist."""
+    return Row(x, params).dist()
 
 
 def np_draw(w: np.ndarray, u: float) -> int:
@@ -254,15 +389,16 @@ def np_sample(d: Dist, u: float) -> int:
 
 
 def np_residual(p: Dist, q: Dist) -> Dist:
-    """norm(max(0, p - q)) on p's support (p itself if the residual is empty, as the reference does)."""
-    if p.ids is not None:
-        qw = q.at(p.ids)
-    elif q.ids is None:
-        qw = q.w
+    """norm(max(0, p - q)) on p's support (p itself if the residual is empty, as the reference does). q is sparse
+    (a Proposal's few ids): only those entries of p change."""
+    r = np.array(p.w, dtype=np.float64)
+    if p.ids is None:
+        r[q.ids] -= q.w
     else:
-        qw = np.zeros(len(p.w))
-        qw[q.ids] = q.w
-    r = np.maximum(p.w - qw, 0.0)
+        pos = np.minimum(np.searchsorted(p.ids, q.ids), len(p.ids) - 1)
+        hit = p.ids[pos] == q.ids
+        r[pos[hit]] -= q.w[hit]
+    np.maximum(r, 0.0, out=r)
     return Dist(p.ids, r) if r.sum() > 0 else p
 
 
@@ -271,14 +407,16 @@ def np_residual(p: Dist, q: Dist) -> Dist:
 class Sampler:
     """Samples the first token, draws drafts and runs the acceptance rule for one generation.
 
-    ``draft(logits)`` -> (draft token as an int32 [1] device array, its distribution q or None when greedy);
+    ``draft(logits)`` -> (draft token as an int32 [1] device array, its Proposal q or None when greedy);
     ``accept(drafts, qs, logits)`` -> (accepted count, next token, the drafts as ints), with drafts an int32 [k]
-    device array and logits the target's [k+1, V]. ``lazy_next(logits)`` -> the next token of a plain round as a
-    device array with no synchronisation (where ``pipelined``). ``syncs`` / ``host_bytes`` count what crossed to
-    the host. Seeded samplers are reproducible (per backend: the mlx backend draws from mx.random keys).
+    device array and logits the target's [k+1, V]: the round's one synchronisation. ``lazy_next(logits)`` -> the
+    next token of a plain round as a device array with no synchronisation (where ``pipelined``). ``syncs`` /
+    ``host_bytes`` count what crossed to the host. Seeded samplers are reproducible (per backend: the mlx backend
+    draws from mx.random keys). ``draft_n``: the proposals' support size (default DRAFT_N).
     """
 
-    def __init__(self, params: SamplingParams, seed: Optional[int] = None, backend: Optional[str] = None):
+    def __init__(self, params: SamplingParams, seed: Optional[int] = None, backend: Optional[str] = None,
+                 draft_n: Optional[int] = None):
         self.params = params
         self.backend = backend or default_backend()
         if self.backend not in ("mlx", "numpy"):
@@ -286,12 +424,14 @@ class Sampler:
         seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
         self.rng = np.random.default_rng(seed)
         self.key = mx.random.key(seed % 2**63)
-        # Plain rounds can be queued ahead (no data-dependent widening): greedy, or top-p off on the device.
-        self.pipelined = params.greedy or (self.backend == "mlx" and params.top_p >= 1)
+        self.draft_n = draft_n or DRAFT_N
+        # Plain rounds can be queued ahead: greedy, or on the device (top-p by the exact bisection, no widening).
+        self.pipelined = params.greedy or self.backend == "mlx"
         self.syncs = 0
         self.host_bytes = 0
-        self.widened = 0  # rounds whose top-p candidates were widened (one more synchronisation each)
-        self._host_drafts: list = []  # numpy backend: this round's drafts, drawn on the host
+        self.widened = 0  # mlx: rounds whose top-p candidates were widened (one more synchronisation each)
+        self._pending: list = []  # numpy backend: this round's (draft token, Proposal), evaluated by _view
+        self._host_drafts: list = []  # ... and the drafts as ints once evaluated
 
     def _split(self):
         self.key, sub = mx.random.split(self.key)
@@ -304,29 +444,30 @@ class Sampler:
         return a.tolist()
 
     def _view(self, logits: mx.array) -> np.ndarray:
-        """Zero-copy float32 numpy view of evaluated logits (the numpy backend on MLX's CPU back end)."""
+        """The numpy backend's one synchronisation of a round: evaluates the logits with this round's drafts and
+        q's; returns a zero-copy float32 numpy view of the logits (CPU memory is the device's) and leaves the
+        drafts as ints in ``_host_drafts``."""
         x = logits.astype(mx.float32)
-        mx.eval(x)
+        pending, self._pending = self._pending, []
+        mx.eval(x, *[a for tok, q in pending for a in (tok, q.ids, q.probs)])
         self.syncs += 1
+        self._host_drafts = [int(np.asarray(memoryview(tok))[0]) for tok, _ in pending]
         return np.asarray(memoryview(x))
 
     def draft(self, logits: mx.array):
         """logits [1, V] -> (token int32 [1], q)."""
         if self.params.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32), None
-        if self.backend == "mlx":
-            q, _ = mx_distribution(logits, self.params, CANDIDATES[0])  # never widened: q is what was drawn from
-            return mx_draw(q, self._split()), q
-        d = np_distribution(self._view(logits)[0], self.params, exact=False)
-        tok = np_sample(d, self.rng.random())
-        self._host_drafts.append(tok)
-        return mx.array([tok], dtype=mx.int32), d
+        tok, q = mx_propose(logits, self.params, self.draft_n, self._split())
+        if self.backend == "numpy":
+            self._pending.append((tok, q))
+        return tok, q
 
     def lazy_next(self, logits: mx.array) -> mx.array:
         """Next token of a plain round ([1, V] logits) as an int32 [1] device array (pipelined samplers only)."""
         if self.params.greedy:
             return mx.argmax(logits, axis=-1).astype(mx.int32)
-        p, _ = mx_distribution(logits, self.params, CANDIDATES[0])
+        p, _ = mx_distribution(logits, self.params, logits.shape[-1])
         return mx_draw(p, self._split())
 
     def accept(self, drafts: Optional[mx.array], qs: list, logits: mx.array) -> tuple[int, int, list]:
@@ -346,6 +487,7 @@ class Sampler:
         k = 0 if drafts is None else drafts.shape[0]
         key_u, key_r = self._split(), self._split()
         V = logits.shape[-1]
+        q = mx.concatenate([qi.dense(V) for qi in qs], axis=0) if k else None
         for n_cand in CANDIDATES + (V,):
             p, ok = mx_distribution(logits, self.params, n_cand)
             if k == 0:
@@ -353,10 +495,10 @@ class Sampler:
                 parts = [n[None], nxt[None], ok.all().astype(mx.int32)[None]]
             else:
                 u = mx.random.uniform(shape=(k,), key=key_u)
-                n, nxt = mx_accept(drafts, mx.concatenate(qs, axis=0), p, u, key_r)
+                n, nxt = mx_accept(drafts, q, p, u, key_r)
                 parts = [n[None], nxt[None], ok.all().astype(mx.int32)[None], drafts]
             out = self.fetch(mx.concatenate(parts))
-            if out[2] or n_cand >= V:  # same uniforms on a wider candidate set: the full-sort result
+            if out[2] or n_cand >= V:  # same uniforms on the exact set: the result as if it had run first
                 return out[0], out[1], out[3:]
             self.widened += 1
         raise AssertionError("unreachable")
@@ -365,10 +507,9 @@ class Sampler:
         k = 0 if drafts is None else drafts.shape[0]
         x = self._view(logits)
         d, self._host_drafts = self._host_drafts[:k], []
-        for i in range(k):
-            p = np_distribution(x[i], self.params)
-            tok = np.array([d[i]])
-            if self.rng.random() * qs[i].at(tok)[0] < p.at(tok)[0]:  # accept with probability min(1, p/q)
+        for i in range(k):  # p is computed only for the rows the rule reaches
+            p, q = Row(x[i], self.params), qs[i].host()
+            if self.rng.random() * q.at(np.array([d[i]]))[0] < p.at([d[i]])[0]:  # accept w.p. min(1, p/q)
                 continue
-            return i, np_sample(np_residual(p, qs[i]), self.rng.random()), d
-        return k, np_sample(np_distribution(x[k], self.params), self.rng.random()), d
+            return i, np_sample(np_residual(p.dist(), q), self.rng.random()), d
+        return k, np_sample(Row(x[k], self.params).dist(), self.rng.random()), d

@@ -1,6 +1,7 @@
 """The device sampler (mlxmtp/sampling.py): both back ends' final distributions equal the float64 reference
-(temperature, top-k, top-p, their combinations, ties, top-p = 1, top-k >= vocab), candidate widening, the draws,
-the acceptance rule's output distribution, and what crosses to the host while decoding. Float32 throughout."""
+(temperature, top-k, top-p, their combinations, ties, top-p = 1, top-k >= vocab, a flat 152K-vocabulary nucleus),
+the quickselect and the candidate widening, the truncated draft proposals, the draws, the acceptance rule's output
+distribution (with truncated proposals too), and what crosses to the host while decoding. Float32 throughout."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 from scipy import stats as sps
 
 from mlxmtp import sampling
-from mlxmtp.sampling import CANDIDATES, Sampler, SamplingParams, mx_distribution, np_distribution
+from mlxmtp.sampling import CANDIDATES, Sampler, SamplingParams, mx_distribution
 from mlxmtp.speculative import RoundStats, decode
-from tests.test_speculative import take
+from tests.test_speculative import chi_square_p, exact_joint, sampled_counts, sampling_model, take  # noqa: F401
 from tests.toy_model import ToyModel
 
 GRID = [SamplingParams(t, p, k) for t, p, k in itertools.product((0.5, 1.0, 1.7), (1.0, 0.9, 0.3), (0, 1, 3))]
@@ -34,9 +35,9 @@ def logits_cases(V: int, seed: int = 0):
     yield np.round(rng.standard_normal((3, V)) * 1.5).astype(np.float32)  # many ties, at the top-k and top-p cuts
 
 
-def near_the_cut(x: np.ndarray, params: SamplingParams, tol: float = 1e-4) -> np.ndarray:
-    """Ids whose cumulative mass before them (reference order) is within tol of top_p: a float32 cumulative sum
-    over thousands of ids may put the top-p cut one id earlier or later there."""
+def near_the_cut(x: np.ndarray, params: SamplingParams, tol: float = 1e-5) -> np.ndarray:
+    """Ids whose cumulative mass before them (reference order) is within tol of top_p: float32 masses (device sums,
+    float32 exp weights) may put the top-p cut one id earlier or later there."""
     if params.top_p >= 1:
         return np.zeros(x.shape, dtype=bool)
     p = SamplingParams(params.temperature, 1.0, params.top_k).distribution(mx.array(x))
@@ -50,19 +51,21 @@ def near_the_cut(x: np.ndarray, params: SamplingParams, tol: float = 1e-4) -> np
 def check_backends(x: np.ndarray, params: SamplingParams, atol=2e-6, rtol=1e-4):  # float32 sums over V
     ref = params.distribution(mx.array(x))
     V = x.shape[-1]
-    for n_cand in CANDIDATES + (V,):
+    cut = near_the_cut(x, params)
+    # (the ids at such a cut are left out; moving one of them changes the row's normaliser by < 1e-3 here)
+    r = np.where(cut.any(-1, keepdims=True), 1e-3, rtol)
+    for n_cand in CANDIDATES + (V,):  # the candidate set (where it holds the top-p mass), then the bisection
         p, ok = mx_distribution(mx.array(x), params, n_cand)
         p, ok = np.array(p), np.array(ok)
-        assert ok.any() or n_cand < V
-        # float32 masses: a cut within 1e-5 of top_p may fall one id off (1e-4 for the full sort's cumsum)
-        cut = near_the_cut(x, params, 1e-4 if n_cand >= V > CANDIDATES[-1] else 1e-5)
-        # (the ids at such a cut are left out; moving one of them changes the row's normaliser by < 1e-3 here)
-        r = np.where(cut.any(-1, keepdims=True), 1e-3, rtol)
+        assert ok.all() or n_cand < V
         bad = (np.abs(p - ref) > atol + r * ref) & ~cut & ok[:, None]
         assert not bad.any(), f"mlx, {params}, {n_cand} candidates: {np.argwhere(bad)[:3]}"
     for i in range(len(x)):
-        np.testing.assert_allclose(dense(np_distribution(x[i], params), V), ref[i], atol=atol, rtol=rtol,
-                                   err_msg=f"numpy, {params}")
+        row = sampling.Row(x[i], params)
+        d = dense(row.dist(), V)
+        bad = (np.abs(d - ref[i]) > atol + r[i] * ref[i]) & ~cut[i]
+        assert not bad.any(), f"numpy, {params}: {np.argwhere(bad)[:3]}"
+        np.testing.assert_allclose(row.at(np.arange(V)), d, rtol=1e-9, atol=1e-12)  # the lazy rule's p
 
 
 @pytest.mark.parametrize("V", [40, 3000])
@@ -74,22 +77,76 @@ def test_distributions_equal_reference(V):
             check_backends(x, params)
 
 
+def test_flat_vocabulary_nucleus():
+    """A random stand-in's flat logits at a real vocabulary: the top-p 0.95 nucleus at temperature 0.6 holds ~74k
+    of 151,936 ids (the numpy quickselect's working set shrinks past its first candidates; the mlx backend
+    bisects), and with heavy ties the cut falls inside a tie group of thousands of ids."""
+    V = 151_936
+    rng = np.random.default_rng(4)
+    flat = rng.standard_normal((1, V)).astype(np.float32)
+    ties = np.round(rng.standard_normal((1, V)) * 2).astype(np.float32)
+    for x in (flat, ties):
+        for params in (SamplingParams(0.6, 0.95), SamplingParams(1.0, 0.5, 100_000)):
+            check_backends(x, params)
+    assert 70_000 < len(sampling.Row(flat[0], SamplingParams(0.6, 0.95)).dist().ids) < 80_000
+
+
+@pytest.mark.parametrize("n", [900, 5000, 60_000])
+def test_quickselect_cut(n):
+    """_cut against a full sort: the cut inside the first candidates, past them, and on ties spanning a pivot."""
+    rng = np.random.default_rng(n)
+    cases = [np.exp(rng.standard_normal(n) * 3).astype(np.float32),  # peaked: the cut among the largest
+             rng.uniform(0.9, 1.0, n).astype(np.float32),  # flat: far past the first candidates
+             np.exp(np.round(rng.standard_normal(n) * 1.5)).astype(np.float32),  # a few values, huge tie groups
+             np.where(rng.random(n) < 0.5, 0.0, 1.0).astype(np.float32)]  # zeros and one tie group
+    for e in cases:
+        s = np.sort(e)[::-1]
+        c = np.cumsum(s, dtype=np.float64)
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            t = top_p * c[-1]
+            w = s[np.searchsorted(c, t)]
+            assert sampling._cut(e, t) == (w, pytest.approx(s[s > w].sum(dtype=np.float64), rel=1e-12))
+    big = np.zeros(n, dtype=np.float32)
+    big[[3, n - 1]] = 1.0  # the first candidates hold everything
+    assert sampling._cut(big, 1.5) == (1.0, 0.0)
+
+
 def test_candidate_widening():
-    """Flat logits: the first candidates hold ~4% of the mass, so top-p 0.5 needs the second set (mlx), and a
-    window of WINDOW around the maximum misses the tail mass that top-p 0.5 needs (numpy)."""
+    """Flat logits: the mlx backend's first candidates hold ~4% of the mass, so top-p 0.5 is redone by the exact
+    bisection, in the same round and with the same uniforms."""
     V = 6000
     x = np.random.default_rng(1).uniform(0, 0.1, (2, V)).astype(np.float32)
     params = SamplingParams(1.0, top_p=0.5)
-    assert [bool(np.array(mx_distribution(mx.array(x), params, n)[1]).all()) for n in CANDIDATES] == [False, True]
+    assert not np.array(mx_distribution(mx.array(x), params, CANDIDATES[0])[1]).any()
     check_backends(x, params)
+    sampler = Sampler(params, seed=0, backend="mlx")
+    n, tok, _ = sampler.accept(None, [], mx.array(x[:1]))
+    assert sampler.widened == 1 and sampler.syncs == 2
+    assert params.distribution(mx.array(x[:1]))[0, tok] > 0
 
-    y = np.full(V, -(sampling.WINDOW + 1), dtype=np.float32)  # just outside the first window
-    y[7] = 0.0
-    params = SamplingParams(1.0, top_p=0.5)  # the top id holds 1 / (1 + 2999 e^-5) = 5%
-    ref = params.distribution(mx.array(y[None]))[0]
-    assert (ref > 0).sum() > 1  # the tail is in the nucleus
-    np.testing.assert_allclose(dense(np_distribution(y, params), V), ref, atol=1e-9, rtol=1e-4)
-    assert (dense(np_distribution(y, params, exact=False), V) > 0).sum() == 1  # without widening: only the top
+
+@pytest.mark.parametrize("V", [6, 3000, 151_936])
+def test_top_ids_and_proposal(V):
+    """top_ids finds the n largest logits (at a vocabulary through block maxima); a Proposal is the target's
+    transform applied to those logits alone, and its draws follow it."""
+    n = 4
+    rng = np.random.default_rng(V)
+    x = rng.standard_normal((1, V)).astype(np.float32) * 2
+    ids = np.sort(np.array(sampling.top_ids(mx.array(x), n))[0])
+    assert list(ids) == sorted(np.argsort(-x[0])[:n])
+    params = SamplingParams(0.8, 0.9, 3)
+    sub = ids[np.argsort(-x[0, ids])]
+    q_ref = np.zeros(V)
+    q_ref[sub] = params.distribution(mx.array(x[:, sub]))[0]
+    keys = mx.random.split(mx.random.key(1), 2000)
+    draws = []
+    for i in range(2000):
+        tok, q = sampling.mx_propose(mx.array(x), params, n, keys[i])
+        draws.append(int(tok.item()))
+    d = q.host()
+    np.testing.assert_allclose(dense(d, V), q_ref, atol=1e-6)
+    np.testing.assert_allclose(np.array(q.dense(V))[0], q_ref, atol=1e-6)
+    assert chi2_p(draws, q_ref) > 1e-3
 
 
 def chi2_p(samples, probs):
@@ -116,15 +173,17 @@ def test_draws():
 
 @pytest.mark.parametrize("backend", ["numpy", "mlx"])
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.8, 0.9, 3)])
-def test_acceptance_rule_emits_the_target_distribution(backend, params):
+@pytest.mark.parametrize("draft_n", [None, 2])
+def test_acceptance_rule_emits_the_target_distribution(backend, params, draft_n):
     """Draft d ~ q, verify against p: the first emitted token is distributed as p[0] and, when d was accepted, the
-    second as p[1] (Leviathan et al. 2023). Both rule branches are exercised."""
+    second as p[1] (Leviathan et al. 2023). Both rule branches are exercised; draft_n = 2 truncates q to the two
+    largest draft logits (p has up to 6 ids), so the residual carries the mass q lacks."""
     V, runs = 6, 2000
     rng = np.random.default_rng(2)
     q_logits = mx.array(rng.standard_normal((1, V)).astype(np.float32))
     p_logits = mx.array(rng.standard_normal((2, V)).astype(np.float32) * 1.5)
     ref = params.distribution(p_logits)
-    sampler = Sampler(params, seed=0, backend=backend)
+    sampler = Sampler(params, seed=0, backend=backend, draft_n=draft_n)
     first, second, accepted = [], [], 0
     for _ in range(runs):
         tok, q = sampler.draft(q_logits)
@@ -187,11 +246,24 @@ def test_device_path_one_sync_per_round_no_vocab_copies(no_vocab_copies, monkeyp
     assert st.host_bytes <= 4 * (k + 3) * (st.target_forwards + 2)
 
 
-def test_cpu_sampler_syncs_per_sampled_row(no_vocab_copies, monkeypatch):
-    """The numpy back end reads evaluated logits through zero-copy views: one synchronisation per draft and one per
-    verify, no bytes copied."""
+def test_cpu_sampler_one_sync_per_round(no_vocab_copies, monkeypatch):
+    """The numpy back end draws drafts on the device and reads the evaluated verify logits, drafts and q's through
+    zero-copy views in one synchronisation per round: no bytes copied."""
     monkeypatch.setenv("MLXMTP_SAMPLER", "numpy")
     model = ToyModel(vocab=no_vocab_copies, num_mtp=1, seed=3, scale=4.0)
-    st = RoundStats()
-    take(decode(model, [1, 2, 3, 4, 5], SamplingParams(0.6, 0.95), draft_tokens=2, seed=0, stats=st), 12)
-    assert st.syncs == 1 + 3 * st.target_forwards and st.host_bytes == 0
+    for params, k in ((SamplingParams(0.6, 0.95), 2), (SamplingParams(0.7, 0.8, 20), 3), (SamplingParams(1.0), 0)):
+        st = RoundStats()
+        take(decode(model, [1, 2, 3, 4, 5], params, draft_tokens=k, seed=0, stats=st), 12)
+        assert st.syncs == 1 + st.target_forwards and st.host_bytes == 0
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_truncated_proposals_keep_decoding_exact(sampling_model, backend, monkeypatch):
+    """The decode loop's chi-square test (tests/test_speculative.py) with proposals truncated to the top 2 of 4
+    ids: the emitted sequences still follow the target's joint distribution."""
+    monkeypatch.setenv("MLXMTP_SAMPLER", backend)
+    monkeypatch.setattr(sampling, "DRAFT_N", 2)
+    params, prompt, runs = SamplingParams(1.0, 0.95), [0, 1, 2, 3], 1000
+    probs = exact_joint(sampling_model, prompt, params)
+    counts = sampled_counts(sampling_model, prompt, params, 2, runs)
+    assert chi_square_p(counts, probs, runs) > 1e-3
