@@ -1,7 +1,7 @@
 """The union-of-experts dispatch (mlxmtp/models/moe_dispatch.py) on every MoE family's tiny checkpoint, float32:
-the reference union path equals the per-pair path for m = 1..16 tokens (routed by the layer's router, all tokens on
-the same experts, every token on other experts), whole-model logits agree, and greedy decoding with MTP equals
-plain greedy decoding with the union path on."""
+the reference union path and the sync-free sorted path equal the per-pair path for m = 1..16 tokens (random
+routing, all tokens on the same experts, every token on other experts), whole-model logits agree, and greedy
+decoding with MTP equals plain greedy decoding with each path on."""
 
 from __future__ import annotations
 
@@ -49,12 +49,13 @@ def assert_union_equals_stock(glu, x, inds, what):
     call = SwitchGLU.__call__  # Step-3.5's MoE subclasses SwitchGLU with its router in __call__(x)
     with moe_dispatch.dispatch_mode("stock"):
         want = call(glu, x, inds)
-    with moe_dispatch.dispatch_mode("union"):
-        got = call(glu, x, inds)
-    assert got.shape == want.shape
-    # one GEMM per expert over its rows instead of one per pair: float32 summation order, within 1e-6 of the scale
-    diff, scale = mx.abs(got - want).max().item(), max(1.0, mx.abs(want).max().item())
-    assert diff <= 1e-6 * scale, (what, diff, scale)
+    for mode in ("union", "sorted"):
+        with moe_dispatch.dispatch_mode(mode):
+            got = call(glu, x, inds)
+        assert got.shape == want.shape
+        # one GEMM per expert over its rows instead of one per pair: float32 summation order, within 1e-6 of scale
+        diff, scale = mx.abs(got - want).max().item(), max(1.0, mx.abs(want).max().item())
+        assert diff <= 1e-6 * scale, (mode, what, diff, scale)
 
 
 def test_union_equals_per_pair_on_every_layer(family_model):
@@ -79,16 +80,18 @@ def test_union_logits_equal_per_pair(family_model):
         tokens = mx.array(np.random.default_rng(m).integers(0, vocab, (1, m)))
         with moe_dispatch.dispatch_mode("stock"):
             want = model(tokens)
-        with moe_dispatch.dispatch_mode("union"):
-            got = model(tokens)
-        assert mx.abs(got - want).max().item() <= 1e-5, (name, m)
+        for mode in ("union", "sorted"):
+            with moe_dispatch.dispatch_mode(mode):
+                got = model(tokens)
+            assert mx.abs(got - want).max().item() <= 1e-5, (name, mode, m)
 
 
-def test_greedy_mtp_equals_plain_with_union(family_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["union", "sorted"])
+def test_greedy_mtp_equals_plain_with_union(family_model, tmp_path, monkeypatch, mode):
     name, model = family_model
     monkeypatch.setattr("mlxmtp.tuning.CACHE_FILE", tmp_path / "costs.json")
     drafted = 0
-    with moe_dispatch.dispatch_mode("union"):
+    with moe_dispatch.dispatch_mode(mode):
         for p in prompts(min(model.args.vocab_size, 256), n=3, seed=5):
             plain = take(decode(model, p, SamplingParams(), draft_tokens=0), 10)
             for k in (1, 3):
@@ -111,6 +114,17 @@ def test_union_equals_per_pair_quantized(bits):
             assert_union_equals_stock(glu, x, inds, (bits, m, kind))
 
 
+def test_union_equals_per_pair_with_bias():
+    """Projection biases (SwitchGLU(bias=True)) are added per expert in the weights-left layout too."""
+    mx.random.seed(2)
+    glu = SwitchGLU(64, 32, 16, bias=True)
+    glu.update({n: {"bias": mx.random.normal(getattr(glu, n).bias.shape)} for n in ("gate_proj", "up_proj", "down_proj")})
+    rng = np.random.default_rng(2)
+    for m in (1, 3, 8):
+        for kind, inds in routings(16, 4, m, rng).items():
+            assert_union_equals_stock(glu, mx.random.normal((1, m, 64)), inds, ("bias", m, kind))
+
+
 def test_plan_layout():
     """Two tokens sharing expert 3: one segment of two rows; every pair finds its own row back."""
     plan = moe_dispatch.plan_union(np.array([[3, 1], [2, 3]]))
@@ -119,11 +133,43 @@ def test_plan_layout():
     assert plan.pairs.tolist() == [4, 0, 2, 5]  # (t0, 3) -> expert 3 slot 0; (t0, 1); (t1, 2); (t1, 3) slot 1
 
 
-def test_auto_mode_range(monkeypatch):
+def test_choose_path_per_device(monkeypatch):
+    """auto: CPU float experts take the union for 1..16 tokens, quantized stay stock; a GPU takes the kernel where
+    it passed its self-check, else the sync-free sorted path, for 2..16 tokens; prefill is stock everywhere."""
     monkeypatch.setattr(moe_dispatch, "_mode", "auto")
-    assert [moe_dispatch.use_union(m) for m in (1, 2, 16, 17, 512)] == [False, True, True, False, False]
+    glu, qglu = SwitchGLU(64, 32, 8), SwitchGLU(64, 32, 8)
+    nn.quantize(qglu, group_size=32, bits=4)
+    sizes = (1, 2, 16, 17, 512)
+
+    def paths(g, **kw):
+        return [moe_dispatch.choose_path(g, m, **kw) for m in sizes]
+
+    assert paths(glu, gpu=False) == ["union", "union", "union", "stock", "stock"]
+    assert paths(qglu, gpu=False) == ["stock"] * 5
+    assert paths(qglu, gpu=True, kernel_ok=lambda: False) == ["stock", "sorted", "sorted", "stock", "stock"]
+    assert paths(qglu, gpu=True, kernel_ok=lambda: True) == ["stock", "kernel", "kernel", "stock", "stock"]
+    with moe_dispatch.dispatch_mode("union"):
+        assert paths(qglu, gpu=True, kernel_ok=lambda: False) == ["union"] * 5
+        assert paths(qglu, gpu=False, kernel_ok=lambda: True) == ["kernel"] * 5
+    for mode in ("sorted", "stock"):
+        with moe_dispatch.dispatch_mode(mode):
+            assert paths(glu, gpu=True, kernel_ok=lambda: True) == [mode] * 5
     with pytest.raises(ValueError, match="MoE dispatch mode"):
         moe_dispatch.set_dispatch_mode("fast")
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_sorted_path_is_sync_free(bits):
+    """The sorted path compiles (mx.compile refuses any host read of an array), the host-plan union does not."""
+    glu = SwitchGLU(64, 32, 16)
+    if bits:
+        nn.quantize(glu, group_size=32, bits=bits)
+    x, inds = mx.random.normal((1, 5, 64)), routings(16, 4, 5, np.random.default_rng(1))["random"]
+    got = mx.compile(lambda a, i: moe_dispatch.sorted_switch_glu(glu, a, i))(x, inds)
+    with moe_dispatch.dispatch_mode("stock"):
+        assert mx.abs(got - glu(x, inds)).max().item() <= 1e-6
+    with pytest.raises(ValueError, match="eval"):
+        mx.compile(lambda a, i: moe_dispatch.union_switch_glu(glu, a, i))(x, inds)
 
 
 def test_auto_keeps_quantized_experts_on_the_stock_path_on_cpu(monkeypatch):

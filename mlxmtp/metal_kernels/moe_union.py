@@ -4,8 +4,8 @@ The kernel runs only where Metal is available and the default device is the GPU,
 self-check on this machine: the first time a SwitchGLU of a given shape and weight format would use it, each of its
 three projections is run by the kernel and by the reference (gather_mm / gather_qmm per sorted pair, the math of
 mlx-lm's SwitchLinear) on the layer's own weights and random inputs of the real shapes. If the kernel fails to
-compile or differs beyond TOLERANCE, that format uses the reference union path (moe_dispatch.union_switch_glu) and
-one line on stderr says so.
+compile or differs beyond TOLERANCE, that format uses MLX's own ops (moe_dispatch.choose_path: the sync-free sorted
+path in "auto", the reference union path in "union") and one line on stderr says so.
 
 Tolerance (documented contract): max |kernel - reference| <= TOLERANCE[dtype] * max(1, max |reference|); both
 accumulate in float32, so the difference is the summation order plus one rounding of the output dtype.
@@ -186,5 +186,5 @@ def kernel_enabled(glu, dtype=None) -> bool:
             r = bad[0]
             why = r.error or f"max difference {r.max_diff:.3g} > tolerance {r.tolerance:.3g}"
             print(f"mlxmtp: MoE union kernel self-check failed for {r.name} {r.shape} {r.weight_format} ({why}); "
-                  "using the reference union path", file=sys.stderr)
+                  "using MLX ops instead (moe_dispatch)", file=sys.stderr)
     return _verdicts[sig]

@@ -23,6 +23,7 @@ __all__ = [
     "attend",
     "Attention",
     "MLP",
+    "SwitchLinear",
     "SwitchGLU",
     "softmax_topk",
     "sigmoid_group_topk",
@@ -135,9 +136,28 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SwitchLinear(switch_layers.SwitchLinear):
+    """mlx-lm's SwitchLinear (same parameters; to_quantized gives mlx-lm's QuantizedSwitchLinear), which can also
+    multiply with the weights on the left, the union path's float layout (moe_dispatch.union_switch_glu)."""
+
+    def __call__(self, x, indices, sorted_indices=False, weights_left=False):
+        if not weights_left:
+            return super().__call__(x, indices, sorted_indices=sorted_indices)
+        # x [U, in, R] -> W[indices[u]] @ x[u]: [U, out, R]
+        y = mx.gather_mm(self["weight"], x, lhs_indices=indices, rhs_indices=mx.arange(indices.size, dtype=mx.uint32))
+        return y + self["bias"][indices][..., None] if "bias" in self else y
+
+
 class SwitchGLU(switch_layers.SwitchGLU):
     """mlx-lm's SwitchGLU (same parameters and checkpoint layout, quantizes the same way) whose calls go through
     moe_dispatch: small verify / draft batches read each expert in the union of the routed experts once."""
+
+    def __init__(self, input_dims: int, hidden_dims: int, num_experts: int, activation=switch_layers.SwiGLU(),
+                 bias: bool = False):
+        super().__init__(input_dims, hidden_dims, num_experts, activation, bias)
+        self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts, bias=bias)
+        self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts, bias=bias)
+        self.down_proj = SwitchLinear(hidden_dims, input_dims, num_experts, bias=bias)
 
     def __call__(self, x, indices):
         return moe_dispatch.switch_glu(self, x, indices, super().__call__)

@@ -7,17 +7,25 @@ experts and their row segments, reads each expert's weights once for all of its 
 to pair order. The routing weights are applied by the family's MoE block, as before (SwitchGLU's contract is
 unchanged: [..., k, hidden] per pair).
 
-Two implementations of the union path:
+Three implementations of the union path:
 - the reference (`union_switch_glu`), in MLX ops: the segments are laid out on the host (one small sync on the
   routing indices per MoE layer) as an [experts, rows, hidden] block, and each projection is one gather_mm /
-  gather_qmm with one index per unique expert. It runs everywhere and is what the Metal kernel must match;
+  gather_qmm with one index per unique expert (float weights as the left operand: W @ x^T, the orientation OpenBLAS
+  runs fastest at a few rows). It runs everywhere and is what the Metal kernel must match;
+- `sorted_switch_glu`, sync-free, for GPUs without the kernel (mlx-cuda; a Mac whose self-check fell back): the
+  pairs sorted by expert on the device, into gather_mm / gather_qmm with sorted_indices=True;
 - the Metal kernel (mlxmtp.metal_kernels.moe_union), sync-free, chosen only where Metal is available and its
   self-check on this machine passed.
 
-Mode (``MLXMTP_MOE_DISPATCH`` or `dispatch_mode`): "auto" (union for 2..UNION_MAX_TOKENS tokens, the stock path for
-one token, where the union is the same k experts, and for prefill; and the stock path for quantized experts on the
-CPU back end without the kernel, where quantized matmul is compute-bound and its cost grows with rows, so the padded
-union block only adds work: linux-cpu.md, `mlxmtp doctor`), "union" (always) or "stock" (never).
+Mode (``MLXMTP_MOE_DISPATCH`` or `dispatch_mode`), decided per call by `choose_path`:
+- "auto": above UNION_MAX_TOKENS (prefill) the stock path. On the CPU back end, float experts take the reference
+  union path for 1..16 tokens (one token included: the same k experts, read in the faster orientation; the host
+  sync costs well under 1% of a layer there) and quantized experts the stock path (CPU quantized matmul is
+  compute-bound, its cost grows with rows, so the padded union block only adds work: linux-cpu.md, `mlxmtp
+  doctor`). On a GPU, 2..16 tokens take the kernel where its self-check passed, else the sorted path (a host sync
+  per layer would stall MLX's lazy pipelining there); one token the stock path (the union is the same k experts).
+- "union": the kernel where enabled, else the reference union path, for every batch size;
+- "sorted" / "stock": always that path.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-MODES = ("auto", "union", "stock")
+MODES = ("auto", "union", "sorted", "stock")
 UNION_MAX_TOKENS = 16  # the small-batch range of the issue (#10); above it gather_qmm's sorted path shares weights
 
 _mode = os.environ.get("MLXMTP_MOE_DISPATCH", "auto")
@@ -61,11 +69,21 @@ def dispatch_mode(mode: str):
         _mode = old
 
 
-def use_union(n_tokens: int) -> bool:
+def choose_path(glu, n_tokens: int, kernel_ok=None, gpu: bool | None = None) -> str:
+    """Which path a SwitchGLU call of n_tokens takes: "kernel", "union", "sorted" or "stock" (module docstring).
+    kernel_ok() says whether the Metal kernel may run for this layer (it runs the self-check the first time); gpu:
+    whether MLX computes on a GPU (default: the default device)."""
     mode = get_dispatch_mode()
-    if mode == "auto":
-        return 2 <= n_tokens <= UNION_MAX_TOKENS
-    return mode == "union"
+    if mode in ("stock", "sorted"):
+        return mode
+    gpu = mx.default_device() != mx.cpu if gpu is None else gpu
+    if mode == "auto" and (n_tokens > UNION_MAX_TOKENS or (gpu and n_tokens < 2)):
+        return "stock"
+    if mode == "auto" and not gpu:
+        return "stock" if "scales" in glu.gate_proj else "union"
+    if kernel_ok is not None and kernel_ok():
+        return "kernel"
+    return "union" if mode == "union" else "sorted"
 
 
 @dataclass
@@ -104,28 +122,53 @@ def plan_union(indices: np.ndarray) -> UnionPlan:
 
 
 def union_switch_glu(glu, x: mx.array, indices: mx.array) -> mx.array:
-    """Reference union path of a SwitchGLU: x [..., D], indices [..., k] -> [..., k, D], equal to the per-pair path."""
+    """Reference union path of a SwitchGLU: x [..., D], indices [..., k] -> [..., k, D], equal to the per-pair path.
+
+    Float experts: one gather_mm per projection with the weights on the left over [U, D, R] (layers.SwitchLinear;
+    OpenBLAS runs W @ x^T ~1.4x faster than x @ W^T at 1..4 rows, `bench_moe_verify.py --gemm`), activations kept
+    in that layout and transposed back once after down_proj; quantized experts: gather_qmm over [U, R, D]."""
     k, D = indices.shape[-1], x.shape[-1]
     idx = np.array(mx.stop_gradient(indices)).reshape(-1, k)
     plan = plan_union(idx)
     xg = x.reshape(-1, D)[plan.rows]  # [U, R, D]: each expert's rows, read with its weights once
-    h = glu.activation(glu.up_proj(xg, plan.experts), glu.gate_proj(xg, plan.experts))
-    y = glu.down_proj(h, plan.experts)  # [U, R, D]
+    if "scales" in glu.gate_proj:
+        h = glu.activation(glu.up_proj(xg, plan.experts), glu.gate_proj(xg, plan.experts))
+        y = glu.down_proj(h, plan.experts)  # [U, R, D]
+    else:
+        xt = xg.swapaxes(-1, -2)  # [U, D, R]: a strided view, no copy
+        h = glu.activation(glu.up_proj(xt, plan.experts, weights_left=True),
+                           glu.gate_proj(xt, plan.experts, weights_left=True))  # [U, H, R]
+        y = glu.down_proj(h, plan.experts, weights_left=True).swapaxes(-1, -2)  # [U, R, D]
     return y.reshape(-1, D)[plan.pairs].reshape(*indices.shape, D)
 
 
-def switch_glu(glu, x: mx.array, indices: mx.array, stock) -> mx.array:
-    """Dispatch one SwitchGLU call: the Metal union kernel, the reference union path or `stock` (per pair)."""
-    n_tokens = indices.size // indices.shape[-1]
-    if not use_union(n_tokens):
-        return stock(x, indices)
-    from ..metal_kernels import moe_union  # imported lazily: Linux paths never touch the kernel
+def sorted_switch_glu(glu, x: mx.array, indices: mx.array) -> mx.array:
+    """Sync-free union path for GPUs without the kernel: the pairs sorted by expert on the device and handed to
+    gather_mm / gather_qmm with sorted_indices=True (mlx-lm's SwitchGLU does so for prefill). MLX then reads each
+    expert once per run of equal indices where it has a kernel for it (Metal gather_mm_rhs; CUDA's grouped GEMM;
+    Metal gather_qmm only from 16 pairs and 4 per expert on average, mlx/backend/metal/quantized.cpp), else once
+    per pair; either way no host sync, so MLX keeps building the graph ahead of the GPU."""
+    k, D = indices.shape[-1], x.shape[-1]
+    flat = mx.stop_gradient(indices).reshape(-1)
+    order = mx.argsort(flat)
+    xs, idx = x.reshape(-1, 1, D)[order // k], flat[order]  # [P, 1, D] rows in expert order
+    h = glu.activation(glu.up_proj(xs, idx, sorted_indices=True), glu.gate_proj(xs, idx, sorted_indices=True))
+    y = glu.down_proj(h, idx, sorted_indices=True)  # [P, 1, D]
+    return y[mx.argsort(order)].reshape(*indices.shape, D)
 
-    if moe_union.kernel_enabled(glu):
+
+def switch_glu(glu, x: mx.array, indices: mx.array, stock) -> mx.array:
+    """Dispatch one SwitchGLU call: the Metal union kernel, the union path (host plan), the sorted path or `stock`."""
+    from ..metal_kernels import moe_union  # the kernel's module; it touches Metal only where Metal is available
+
+    path = choose_path(glu, indices.size // indices.shape[-1], lambda: moe_union.kernel_enabled(glu))
+    if path == "kernel":
         return moe_union.kernel_switch_glu(glu, x, indices)
-    if get_dispatch_mode() == "auto" and mx.default_device() == mx.cpu and "scales" in glu.gate_proj:
-        return stock(x, indices)
-    return union_switch_glu(glu, x, indices)
+    if path == "union":
+        return union_switch_glu(glu, x, indices)
+    if path == "sorted":
+        return sorted_switch_glu(glu, x, indices)
+    return stock(x, indices)
 
 
 def union_stats(indices: np.ndarray) -> tuple[int, int]:
