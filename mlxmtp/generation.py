@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from .sampling import SamplingParams
 from .speculative import MAX_DRAFT_TOKENS, DecodeState, RoundStats, decode
-from .tuning import DepthPolicy, measure_costs
+from .tuning import DepthPolicy, load_learned, measure_costs, policy_key, save_learned
 
 AUTO_MAX_DEPTH = 4
 
@@ -60,14 +60,47 @@ class GenerationIncrement:
 _POLICIES: dict = {}
 
 
-def _shared_policy(model, greedy: bool) -> DepthPolicy:
-    """One depth policy per model (and greedy vs sampling, whose acceptance differs), kept across generations so
-    what it learned about acceptance and round times carries over from one prompt or chat turn to the next."""
-    key = (id(model), greedy)
+def _shared_policy(model, params: SamplingParams) -> DepthPolicy:
+    """One depth policy per model and sampling settings (whose acceptance differs), kept across generations and,
+    through tuning.policy_file(), across processes: a generation starts from what the last one learned."""
+    key = (id(model), params)
     if key not in _POLICIES:
-        _POLICIES[key] = DepthPolicy(measure_costs(model, AUTO_MAX_DEPTH + 1), AUTO_MAX_DEPTH)
+        store = policy_key(model, params)
+        policy = DepthPolicy(measure_costs(model, AUTO_MAX_DEPTH + 1), AUTO_MAX_DEPTH, learned=load_learned(store))
+        policy.store_key = store
+        _POLICIES[key] = policy
         weakref.finalize(model, _POLICIES.pop, key, None)
     return _POLICIES[key]
+
+
+class ContinuationText:
+    """The text of generated ids as a continuation of the prompt, built incrementally (vLLM's incremental
+    detokenization): each piece is decode(context + ids)[len(decode(context)):] with the last few prompt ids as
+    the first context, so the piece a tokenizer would lose at the start of a string (mlx-lm's streaming
+    detokenizers drop a reply's leading space) is kept, and an incomplete UTF-8 character waits for its bytes."""
+
+    CONTEXT = 4
+
+    def __init__(self, tokenizer, prompt: list):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt[-self.CONTEXT :])
+        self.prefix = 0  # ids[prefix:read] decode to the end of the text already out
+        self.read = len(self.ids)
+        self.text = ""
+
+    def _flush(self, final: bool) -> None:
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) > len(done) and (final or not now.endswith("\ufffd")):
+            self.text += now[len(done) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
+    def add_token(self, token: int) -> None:
+        self.ids.append(token)
+        self._flush(False)
+
+    def finalize(self) -> None:
+        self._flush(True)
 
 
 def _validate_draft_tokens(draft_tokens):
@@ -109,13 +142,12 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     if ctx is not None and len(ids) >= ctx:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
     if draft_tokens == "auto" and model.num_mtp_modules:
-        policy = policy or _shared_policy(model, params.greedy)
+        policy = policy or _shared_policy(model, params)  # before the clock starts: measure_costs runs once here
     elif draft_tokens == "auto":
         draft_tokens = 0
 
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    detok = tokenizer.detokenizer
-    detok.reset()
+    detok = ContinuationText(tokenizer, ids)
     stats, rounds = GenerationStats(prompt_tokens=len(ids), cached_tokens=state.n_cached if state else 0), RoundStats()
     mx.reset_peak_memory()
     hold = max((len(s) for s in stop), default=1) - 1  # characters held back while a stop string may be forming
@@ -125,38 +157,42 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     finish = None
     steps = decode(model, ids, params, draft_tokens=draft_tokens, policy=policy, seed=seed, stats=rounds,
                    state=state)
-    for new in steps:
-        if t_first is None:
-            t_first = time.perf_counter()
-        emitted = []
-        for tok in new:
-            if tok in eos:
-                finish = "stop"
-                break
-            emitted.append(tok)
-            detok.add_token(tok)
-            if len(out_tokens) + len(emitted) >= max_tokens:
-                finish = "length"
-                break
-            if ctx is not None and len(ids) + len(out_tokens) + len(emitted) >= ctx:
-                finish = "context"
-                break
-        out_tokens.extend(emitted)
-        if finish is not None:
-            detok.finalize()
-        text = detok.text
-        for s in stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        end = len(text) if finish is not None else max(sent, len(text) - hold)
-        _fill_stats(stats, rounds, out_tokens, t_start, t_first)
-        piece, sent = text[sent:end], end
-        if piece or emitted or finish:
-            yield GenerationIncrement(piece, emitted, stats, finish)
-        if finish is not None:
-            steps.close()
-            return
+    try:
+        for new in steps:
+            if t_first is None:
+                t_first = time.perf_counter()
+            emitted = []
+            for tok in new:
+                if tok in eos:
+                    finish = "stop"
+                    break
+                emitted.append(tok)
+                detok.add_token(tok)
+                if len(out_tokens) + len(emitted) >= max_tokens:
+                    finish = "length"
+                    break
+                if ctx is not None and len(ids) + len(out_tokens) + len(emitted) >= ctx:
+                    finish = "context"
+                    break
+            out_tokens.extend(emitted)
+            if finish is not None:
+                detok.finalize()
+            text = detok.text
+            for s in stop:
+                cut = text.find(s)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+            end = len(text) if finish is not None else max(sent, len(text) - hold)
+            _fill_stats(stats, rounds, out_tokens, t_start, t_first)
+            piece, sent = text[sent:end], end
+            if piece or emitted or finish:
+                yield GenerationIncrement(piece, emitted, stats, finish)
+            if finish is not None:
+                return
+    finally:
+        steps.close()
+        if getattr(policy, "store_key", None):  # what this generation taught auto, for the next one
+            save_learned(policy.store_key, policy.learned())
 
 
 def _fill_stats(stats: GenerationStats, rounds: RoundStats, tokens: list, t_start: float, t_first: float) -> None:

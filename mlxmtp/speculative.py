@@ -31,6 +31,8 @@ PREFILL_CHUNK = 512
 # the hard limit; 8 is the deliberate bound: with acceptance 0.8 a 9th draft adds 0.8^9 = 0.13 expected tokens
 # while every verify row costs bandwidth (and MTP modules drafting that deep are far outside their training).
 MAX_DRAFT_TOKENS = 8
+# Plain rounds inside MTP decoding leave the drafter this many trunk rows at most before its modules catch up.
+FOLD_ROWS = 32
 
 
 class MTPDrafter:
@@ -76,7 +78,7 @@ class MTPDrafter:
         """Trunk hidden states [1, m, H] of newly committed positions."""
         self.inputs[0] = hidden if self.inputs[0] is None else mx.concatenate([self.inputs[0], hidden], axis=1)
 
-    def prefill(self, tokens: list[int]) -> None:
+    def prefill(self, tokens: list[int], evaluate=mx.eval) -> None:
         """Run every module over the rows whose inputs are committed (``tokens``: the prompt), in chunks, leaving
         each module's last row (whose token is the one not sampled yet) for the first draft. Part of prefill: the
         first round then runs one row per module, whatever the prompt's length."""
@@ -88,12 +90,19 @@ class MTPDrafter:
             if end <= f:
                 continue
             out, _ = self._run(j, self.inputs[j][:, : end - f], mx.array([tokens[f + j + 1 : end + j + 1]]))
-            mx.eval(out)
+            evaluate(out)
             self.inputs[j] = self.inputs[j][:, end - f :] if have > end else None
             self.frontier[j] = end
             if j + 1 < self.n:
                 nxt = self.inputs[j + 1]
                 self.inputs[j + 1] = out if nxt is None else mx.concatenate([nxt, out], axis=1)
+
+    def fold(self, tokens: list[int]) -> None:
+        """During plain rounds (k = 0 inside MTP decoding) the trunk's hidden states pile up in inputs[0]; once
+        FOLD_ROWS have, run the modules over them (queued with async_eval, no synchronisation), so the pending
+        inputs stay bounded and the next draft round runs about one row per module. ``tokens``: the committed ones."""
+        if self.inputs[0] is not None and self.inputs[0].shape[1] >= FOLD_ROWS:
+            self.prefill(tokens, mx.async_eval)
 
     def draft(self, tokens: list[int], k: int, sampler: Sampler):
         """Up to k drafts after tokens[-1] (= t[P]): (an int32 [k'] device array or None, the distributions q they
@@ -268,20 +277,25 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     """Yield the generated tokens, a list per trunk pass (the prefill's first token, then each round's accepted
     drafts plus the correction or bonus token). Runs until the caller stops iterating.
 
-    draft_tokens: an int k (0 = plain decoding) or "auto" with ``policy`` (tuning.DepthPolicy) choosing k per round.
-    drafter: anything with MTPDrafter's ``extend``, ``draft`` and ``prefill`` (default: an MTPDrafter over the
-    model's modules). state: a DecodeState to continue (only the prompt tokens after its ``n_cached`` are
-    prefilled; the prompt must start with its ``tokens``) and to leave updated for the next generation; default: a
-    fresh one. sampler: a sampling.Sampler (default: one for ``params`` and ``seed`` on the default backend).
+    draft_tokens: an int k (0 = plain decoding) or "auto" with ``policy`` (tuning.DepthPolicy: ``start()``,
+    ``choose()`` -> k, ``observe(k, drafted, accepted, seconds)``) choosing k per round. drafter: anything with
+    MTPDrafter's ``extend`` and ``draft`` (default: an MTPDrafter over the model's modules). state: a DecodeState to
+    continue (only the prompt tokens after its ``n_cached`` are prefilled; the prompt must start with its
+    ``tokens``) and to leave updated for the next generation; default: a fresh one. sampler: a sampling.Sampler
+    (default: one for ``params`` and ``seed`` on the default backend).
 
-    One host synchronisation per round (greedy, or the mlx sampler): drafts, the verify input, the distributions
-    and the acceptance rule stay device arrays, and only [accepted count, next token, drafts] come back. Plain
-    decoding (k = 0 without MTP) queues pass n+1 before handing out token n, as mlx-lm's generate_step does.
+    One loop for every k. One host synchronisation per round (greedy, or the mlx sampler): drafts, the verify input,
+    the distributions and the acceptance rule stay device arrays, and only [accepted count, next token, drafts]
+    come back. A round with k = 0 (plain decoding, or a plain round chosen by auto) is pipelined as mlx-lm's
+    generate_step is, when the sampler allows it: its trunk pass is queued (mx.async_eval) on the previous round's
+    token, still a device array, before that token is read and handed out; with MTP its hidden state goes to the
+    drafter lazily. Round times (for the policy) run from one hand-out to the next.
     """
     prompt = [int(t) for t in prompt]
     sampler = sampler or Sampler(params, seed)
     stats = stats if stats is not None else RoundStats()
-    use_mtp = (drafter is not None or model.num_mtp_modules > 0) and (draft_tokens == "auto" or draft_tokens > 0)
+    auto = draft_tokens == "auto"
+    use_mtp = (drafter is not None or model.num_mtp_modules > 0) and (auto or draft_tokens > 0)
     if state is None:
         state = DecodeState(model, use_mtp, drafter)
     else:
@@ -294,6 +308,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     drafter, cache = state.drafter, state.cache
     if drafter is not None:
         drafter.min_draft_prob = min_draft_prob
+    if auto and use_mtp:
+        policy.start()
 
     def sync_stats():
         stats.syncs, stats.host_bytes = sampler.syncs, sampler.host_bytes
@@ -308,66 +324,79 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     if use_mtp and hasattr(drafter, "prefill"):
         drafter.prefill(prompt)
     tokens = list(prompt)
-    if not use_mtp and sampler.pipelined:
-        yield from _pipelined(model, state, sampler, stats, logits[0, -1:], tokens, sync_stats)
-        return
-    _, first, _ = sampler.accept(None, [], logits[0, -1:])
-    tokens.append(first)
-    state.tokens, state.n_cached, state.busy = tokens, len(prompt), False
-    sync_stats()
-    yield [first]
-
-    while True:
-        k = 0 if not use_mtp else (policy.choose() if draft_tokens == "auto" else draft_tokens)
-        t0 = time.perf_counter()
-        state.busy = True
-        drafts, qs = drafter.draft(tokens, k, sampler) if k > 0 else (None, [])
-        last = mx.array([tokens[-1]], dtype=mx.int32)
-        logits, hidden = _trunk(model, last if drafts is None else mx.concatenate([last, drafts]), cache, use_mtp)
-        n_acc, nxt, drafted = sampler.accept(drafts, qs, logits[0])  # the round's one synchronisation
-        rollback(cache, len(drafted) - n_acc)
-        if use_mtp:
-            drafter.extend(hidden[:, : n_acc + 1])
-        stats.record(len(drafted), n_acc)
+    state.tokens, state.n_cached = tokens, len(prompt)
+    # lazy: the next token as a device array the host has not read, its trunk pass not queued yet (or, while
+    # suspended in a pipelined round, already queued: then the trunk cache holds every token in ``tokens``)
+    lazy, lazy_round = None, False  # lazy_round: lazy comes from a round (not from the prefill)
+    if sampler.pipelined:
+        lazy = sampler.lazy_next(logits[0, -1:])
+    else:
+        _, first, _ = sampler.accept(None, [], logits[0, -1:])
+        tokens.append(first)
         sync_stats()
-        if policy is not None:
-            policy.observe(k, len(drafted), n_acc, time.perf_counter() - t0)
-        new = drafted[:n_acc] + [nxt]
-        tokens.extend(new)
-        state.n_cached += n_acc + 1
         state.busy = False
-        yield new
+        yield [first]
+    t_out = time.perf_counter()  # the last hand-out
 
+    def hand_out_lazy():
+        nonlocal t_out
+        tokens.append(sampler.fetch(lazy)[0])
+        if lazy_round:
+            stats.record(0, 0)
+            if policy is not None:
+                policy.observe(0, 0, 0, time.perf_counter() - t_out)
+        sync_stats()
+        t_out = time.perf_counter()
+        return [tokens[-1]]
 
-def _pipelined(model, state: DecodeState, sampler: Sampler, stats: RoundStats, logits: mx.array, tokens: list,
-               sync_stats) -> Iterator[list[int]]:
-    """Plain decoding with pass n+1 queued (mx.async_eval) before token n is read (mlx-lm's generate_step).
-
-    While suspended after handing out token n, the trunk cache already holds it (n_cached = len(tokens)); when the
-    consumer stops, the token the queued pass sampled is read and appended, so the state again holds every token
-    but the last (DecodeState's invariant) and a follow-up prompt extending the handed-out tokens reuses it all."""
-    cache = state.cache
-    y = sampler.lazy_next(logits)
-    mx.async_eval(y)
-    state.tokens = tokens
-    first = True
     try:
         while True:
-            logits, _ = _trunk(model, y, cache, False)
-            y_next = sampler.lazy_next(logits[0, -1:])
-            mx.async_eval(y_next)
-            tok = sampler.fetch(y)[0]
-            tokens.append(tok)
-            state.n_cached = len(tokens)
-            if not first:  # the prefill's token is no round
-                stats.record(0, 0)
-            first = False
-            sync_stats()
-            state.busy = False
-            yield [tok]
+            k = 0 if not use_mtp else (policy.choose() if auto else draft_tokens)
             state.busy = True
-            y = y_next
+            if k == 0 and sampler.pipelined:
+                logits, hidden = _trunk(model, mx.array(tokens[-1:], dtype=mx.int32) if lazy is None else lazy,
+                                        cache, use_mtp)
+                nxt = sampler.lazy_next(logits[0, -1:])
+                if use_mtp:
+                    drafter.extend(hidden)
+                    mx.async_eval(nxt, hidden)
+                    if hasattr(drafter, "fold"):
+                        drafter.fold(tokens)
+                else:
+                    mx.async_eval(nxt)
+                state.n_cached += 1
+                if lazy is None:  # the input was on the host already (after prefill or an MTP round): nothing to hand out
+                    lazy, lazy_round = nxt, True
+                    continue
+                new = hand_out_lazy()
+                lazy, lazy_round = nxt, True
+                state.busy = False
+                yield new
+                continue
+            if lazy is not None:  # the last plain round's token: read it before drafting from it
+                new = hand_out_lazy()
+                lazy = None
+                state.busy = False
+                yield new
+                state.busy = True
+            drafts, qs = drafter.draft(tokens, k, sampler) if k > 0 else (None, [])
+            last = mx.array([tokens[-1]], dtype=mx.int32)
+            logits, hidden = _trunk(model, last if drafts is None else mx.concatenate([last, drafts]), cache, use_mtp)
+            n_acc, nxt, drafted = sampler.accept(drafts, qs, logits[0])  # the round's one synchronisation
+            rollback(cache, len(drafted) - n_acc)
+            if use_mtp:
+                drafter.extend(hidden[:, : n_acc + 1])
+            stats.record(len(drafted), n_acc)
+            sync_stats()
+            if policy is not None:
+                policy.observe(k, len(drafted), n_acc, time.perf_counter() - t_out)
+            t_out = time.perf_counter()
+            new = drafted[:n_acc] + [nxt]
+            tokens.extend(new)
+            state.n_cached += n_acc + 1
+            state.busy = False
+            yield new
     finally:
-        if not state.busy:  # stopped while suspended: the queued pass's token becomes the state's last
-            tokens.append(sampler.fetch(y_next)[0])
+        if lazy is not None and not state.busy:  # stopped while a queued pass's token waits: it becomes the last
+            tokens.append(sampler.fetch(lazy)[0])
             sync_stats()

@@ -1,11 +1,16 @@
-"""Choosing the draft depth from what this machine pays for a verify pass (draft_tokens="auto").
+"""Choosing the draft depth per round from what rounds cost on this machine (draft_tokens="auto").
 
-A verify pass of m tokens costs cost(m) and a draft step costs c_draft, both measured once per model and machine
-(``measure_costs``, kept in ~/.cache/mlxmtp/costs.json). With per-depth acceptance estimates a_1..a_K (the chance
-that draft d is accepted given that d-1 were), k drafts yield E(k) = 1 + sum_{i<=k} prod_{d<=i} a_d tokens per
-round, so the policy picks argmax_k E(k) / (cost(k+1) + k * c_draft), with k = 0 (plain decoding, E = 1 per cost(1))
-whenever drafting does not pay. Memory-bound hardware makes cost(m) nearly flat in m (field-notes.md); a
-compute-bound back end (the reference BLAS on Linux) makes it linear and the policy then chooses k = 0.
+With per-depth acceptance estimates a_1..a_K (the chance that draft d is accepted given that d-1 were), k drafts
+yield E(k) = 1 + sum_{i<=k} prod_{d<=i} a_d tokens per round; a round with k drafts takes ratio(k) times a plain
+round. The policy picks argmax_k E(k) / ratio(k), k = 0 (plain decoding) whenever drafting does not pay.
+
+ratio(k) starts from the verify cost curve and draft cost measured once per model and machine (``measure_costs``,
+~/.cache/mlxmtp/costs.json; memory-bound hardware makes it nearly flat, field-notes.md, a compute-bound CPU
+linear) and is then replaced by observed round times. What a generation learned (ratios and acceptance) is kept
+per model, machine and sampling settings in ~/.cache/mlxmtp/policy.json, so the next generation, in this process
+or the next, starts on the depth that paid instead of re-learning it. The other depths are probed now and then,
+within a budget: a probe costs the tokens the best depth would have made in its time, and probes may cost at most
+``budget`` (1%) of the tokens generated.
 """
 
 from __future__ import annotations
@@ -85,69 +90,145 @@ def measure_costs(model, max_tokens: int = 5, context: int = 64, repeats: int = 
     return result
 
 
-class DepthPolicy:
-    """Per-round choice of k from running acceptance estimates and round times.
+def policy_file() -> Path:
+    return CACHE_FILE.with_name("policy.json")
 
-    Acceptance: running counts per depth with a prior of ``prior`` worth ``prior_weight`` rounds. Time: a round with
-    k drafts is predicted from the measured cost curve until ``min_obs`` rounds of that k have been timed; from then
-    on its observed mean time (Python overhead, sampling and all) is used, so k = 0 wins whenever drafting does not
-    pay in practice. The first ``min_obs`` rounds are plain (to time them), and while plain decoding wins every
-    ``probe_every``-th round drafts one token so the estimates can recover.
+
+def policy_key(model, params) -> str:
+    """The model and machine (as for costs.json) and the sampling settings, which set the acceptance."""
+    return f"{_model_key(model)}|T{params.temperature}|p{params.top_p}|k{params.top_k}"
+
+
+def load_learned(key: str) -> Optional[dict]:
+    """What an earlier generation stored under ``key``, or None (also for a missing or unreadable file)."""
+    try:
+        learned = json.loads(policy_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return learned if isinstance(learned, dict) else None
+
+
+def save_learned(key: str, learned: dict) -> None:
+    path = policy_file()
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        stored = stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError):
+        stored = {}
+    stored[key] = learned
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache directory costs only the re-learning
+
+
+class DepthPolicy:
+    """Per-round choice of k (see the module docstring).
+
+    Round times: this generation's last RECENT rounds of each k, by their median (so one stalled round, another
+    process or a page fault, moves nothing). A k not timed yet in this generation is estimated from a timed one
+    (plain if timed) through ratio(k) / ratio(j). ratio(k) follows this generation's median(k) / median(plain)
+    (a running mean over the last ``window`` rounds). Acceptance: per depth, counts decayed over ``window_acc``
+    drafts, with a prior of ``prior`` worth ``prior_weight`` drafts. ``learned`` (from ``learned()``, e.g. via
+    load_learned) replaces the priors.
     """
 
-    def __init__(self, costs: dict, max_depth: Optional[int] = None, prior: float = 0.7, prior_weight: float = 4.0,
-                 probe_every: int = 16, margin: float = 1.02, min_obs: int = 3):
+    RECENT = 9
+
+    def __init__(self, costs: dict, max_depth: Optional[int] = None, *, prior: float = 0.7, prior_weight: float = 4.0,
+                 budget: float = 0.01, window: int = 32, window_acc: int = 256, learned: Optional[dict] = None):
         verify = costs["verify"]
-        self.cost = verify
-        self.c_draft = costs.get("draft", 0.0)
         self.max_depth = min(max_depth or len(verify) - 1, len(verify) - 1)
-        self.accepted = [prior * prior_weight] * self.max_depth
-        self.tried = [prior_weight] * self.max_depth
-        self.probe_every, self.margin, self.min_obs = probe_every, margin, min_obs
-        self.seconds = [0.0] * (self.max_depth + 1)  # total observed seconds of rounds with k drafts requested
-        self.rounds = [0] * (self.max_depth + 1)
-        self._plain_rounds = 0
+        K = self.max_depth
+        self.ratio = [verify[k] / verify[0] + k * costs.get("draft", 0.0) for k in range(K + 1)]
+        self.weight = [0.0] * (K + 1)  # updates behind ratio[k] (capped at window)
+        self.accepted = [prior * prior_weight] * K
+        self.tried = [prior_weight] * K
+        self.budget, self.window, self.decay = budget, window, 1 - 1 / window_acc
+        self.tokens = 0  # tokens generated under this policy, and what its probes cost in tokens
+        self.probe_cost = 0.0
+        self.last_round = [0] * (K + 1)  # the round each k last ran (a probe goes to the longest unseen)
+        self.round = 0
         self.last_k = 0
+        if learned:
+            self._load(learned)
+        self.start()
 
-    def _model_cost(self, k: int) -> float:
-        return self.cost[k] + k * self.c_draft
+    def _load(self, learned: dict) -> None:
+        K = self.max_depth
+        try:
+            ratio, weight = [float(x) for x in learned["ratio"]], [float(x) for x in learned["weight"]]
+            accepted, tried = [float(x) for x in learned["accepted"]], [float(x) for x in learned["tried"]]
+        except (KeyError, TypeError, ValueError):
+            return
+        ok = len(ratio) == len(weight) == K + 1 and len(accepted) == len(tried) == K
+        if not ok or not all(r > 0 for r in ratio) or not all(0 <= a <= t for a, t in zip(accepted, tried)):
+            return
+        for k in range(K + 1):
+            if weight[k] > 0:
+                self.ratio[k], self.weight[k] = ratio[k], min(weight[k], self.window)
+        self.accepted, self.tried = accepted, tried
 
-    def round_time(self, k: int) -> float:
-        """Predicted time of a round with k drafts (seconds once any round was timed, else units of cost(1))."""
-        if self.rounds[k] >= self.min_obs:
-            return self.seconds[k] / self.rounds[k]
-        timed = [j for j in range(self.max_depth + 1) if self.rounds[j] >= self.min_obs]
-        if not timed:
-            return self._model_cost(k)
-        j = max(timed, key=lambda j: self.rounds[j])
-        return self._model_cost(k) * (self.seconds[j] / self.rounds[j]) / self._model_cost(j)
+    def learned(self) -> dict:
+        return {"ratio": list(self.ratio), "weight": list(self.weight), "accepted": list(self.accepted),
+                "tried": list(self.tried)}
 
-    def expected_rate(self, k: int) -> float:
-        """Expected tokens per unit of time with k drafts."""
+    def start(self) -> None:
+        """A new generation: round times are timed afresh (another prompt, another context length)."""
+        self.recent = [[] for _ in range(self.max_depth + 1)]
+        self.median: list = [None] * (self.max_depth + 1)
+
+    def expected_tokens(self, k: int) -> float:
         tokens, run = 1.0, 1.0
         for d in range(k):
             run *= self.accepted[d] / self.tried[d]
             tokens += run
-        return tokens / self.round_time(k)
+        return tokens
+
+    def round_time(self, k: int) -> float:
+        """Estimated seconds of a round with k drafts (units of a plain round before any round was timed)."""
+        if self.median[k] is not None:
+            return self.median[k]
+        timed = [j for j in range(self.max_depth + 1) if self.median[j] is not None]
+        if not timed:
+            return self.ratio[k]
+        j = 0 if self.median[0] is not None else max(timed, key=lambda j: len(self.recent[j]))
+        return self.median[j] * self.ratio[k] / self.ratio[j]
+
+    def expected_rate(self, k: int) -> float:
+        return self.expected_tokens(k) / self.round_time(k)
 
     def choose(self) -> int:
-        if self.rounds[0] < self.min_obs:
-            best = 0
-        else:
-            best = max(range(self.max_depth + 1), key=self.expected_rate)
-            if best > 0 and self.expected_rate(best) < self.margin * self.expected_rate(0):
-                best = 0
-            if best == 0:
-                self._plain_rounds += 1
-                if self.max_depth and self._plain_rounds % self.probe_every == 0:
-                    best = 1
+        rates = [self.expected_rate(k) for k in range(self.max_depth + 1)]
+        best = max(range(len(rates)), key=rates.__getitem__)
+        self.round += 1
+        others = [k for k in range(len(rates)) if k != best]
+        if others:
+            probe = min(others, key=self.last_round.__getitem__)
+            cost = max(0.0, rates[best] * self.round_time(probe) - self.expected_tokens(probe))
+            if self.probe_cost + cost <= self.budget * self.tokens:
+                self.probe_cost += cost
+                best = probe
+        self.last_round[best] = self.round
         self.last_k = best
         return best
 
     def observe(self, k: int, drafted: int, accepted: int, seconds: float) -> None:
-        """A round that asked for k drafts, drafted `drafted`, had `accepted` of them accepted and took `seconds`."""
-        self.rounds[k] += 1
-        self.seconds[k] += seconds
+        """A round that asked for k drafts, drafted ``drafted``, had ``accepted`` of them accepted, took ``seconds``."""
+        self.tokens += accepted + 1
         for d in range(drafted):
-            self.tried[d] += 1
-            self.accepted[d] += d < accepted
+            self.tried[d] = self.tried[d] * self.decay + 1
+            self.accepted[d] = self.accepted[d] * self.decay + (d < accepted)
+        recent = self.recent[k]
+        recent.append(seconds)
+        if len(recent) > self.RECENT:
+            recent.pop(0)
+        self.median[k] = _median(recent)
+        if self.median[0] is not None:  # every timed depth's ratio moves toward this generation's
+            for j in range(1, self.max_depth + 1):
+                if self.median[j] is not None:
+                    self.weight[j] = min(self.weight[j] + 1, self.window)
+                    self.ratio[j] += (self.median[j] / self.median[0] - self.ratio[j]) / self.weight[j]

@@ -276,3 +276,118 @@ def test_chunked_prefill_keeps_drafts_exact(monkeypatch):
         st = RoundStats()
         got = take(decode(SelfDraft(target, prompt, num_mtp=num_mtp), prompt, GREEDY, draft_tokens=3, stats=st), 20)
         assert got == plain and st.accepted == st.drafted
+
+
+class ForcedDepths:
+    """A policy stub that asks for a fixed cycle of depths, plain rounds (k = 0) between drafting ones, and records
+    the rounds it is told about."""
+
+    def __init__(self, ks):
+        self.ks, self.i, self.observed = list(ks), 0, []
+
+    def start(self):
+        pass
+
+    def choose(self):
+        k = self.ks[self.i % len(self.ks)]
+        self.i += 1
+        return k
+
+    def observe(self, k, drafted, accepted, seconds):
+        assert seconds > 0
+        self.observed.append(k)
+
+
+MIXED = (0, 0, 2, 0, 1, 3, 0)
+
+
+@pytest.mark.parametrize("num_mtp", [1, 3])
+@pytest.mark.parametrize("ks", [MIXED, (0,), (3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)])
+def test_plain_rounds_inside_mtp_greedy_equal_plain(num_mtp, ks, monkeypatch):
+    """Plain rounds inside MTP decoding (pipelined, their hidden states handed to the drafter lazily) mixed with
+    drafting rounds: the output is plain greedy decoding; every round is reported to the policy in order, one
+    synchronisation each. The long plain run crosses FOLD_ROWS, so the drafter folds its pending rows mid-run."""
+    monkeypatch.setattr(spec, "FOLD_ROWS", 8)
+    model = ToyModel(vocab=32, num_mtp=num_mtp, seed=1)
+    for p in prompts(32, n=6):
+        plain = take(decode(model, p, GREEDY, draft_tokens=0), 40)
+        policy, st = ForcedDepths(ks), RoundStats()
+        gen = decode(model, p, GREEDY, draft_tokens="auto", policy=policy, stats=st)
+        got = take(gen, 40)
+        assert got == plain, (p, ks)
+        assert policy.observed == [policy.ks[i % len(ks)] for i in range(len(policy.observed))]
+        assert len(policy.observed) == st.target_forwards and st.target_forwards >= 40 // 4
+        assert sum(st.rounds_by_k) == st.target_forwards and st.rounds_by_k[0] > 0
+        # the prefill's token, one per round, and (when stopped with a plain round's pass queued) its token
+        assert st.syncs - 1 - (st.syncs - 1 - st.target_forwards > 0) == st.target_forwards
+        assert st.drafted > 0 or ks == (0,)
+
+
+@pytest.mark.parametrize("num_mtp", [1, 3])
+def test_plain_rounds_inside_mtp_keep_drafts_aligned(num_mtp, monkeypatch):
+    """Self-drafting modules accept every draft only if the drafter's rows stay aligned with the committed
+    tokens across plain rounds, folds and drafting rounds."""
+    monkeypatch.setattr(spec, "FOLD_ROWS", 4)
+    target = ToyModel(vocab=32, num_mtp=0, seed=2)
+    for p in prompts(32, n=4):
+        model = SelfDraft(target, p, num_mtp=num_mtp)
+        st = RoundStats()
+        got = take(decode(model, p, GREEDY, draft_tokens="auto", policy=ForcedDepths(MIXED + (0,) * 6), stats=st),
+                   60)
+        assert got == take(decode(target, p, GREEDY), 60)
+        assert st.drafted == st.accepted > 0
+
+
+def test_plain_rounds_inside_mtp_hand_the_drafter_the_right_hidden_states(monkeypatch):
+    """k in {0, 1}: every MTP call (drafts and folds) ends on a committed row, whose logits must equal the module
+    run from scratch over the final sequence (the hidden states of pipelined plain rounds reach it exactly)."""
+    monkeypatch.setattr(spec, "FOLD_ROWS", 3)
+    model = ToyModel(vocab=32, num_mtp=1, seed=4)
+    seen = []
+    orig = model.mtp_forward
+
+    def spy(j, hidden, tokens, cache=None):
+        out, logits = orig(j, hidden, tokens, cache)
+        seen.append((cache.offset, logits[0, -1]))
+        return out, logits
+
+    model.mtp_forward = spy
+    prompt = [3, 1, 4, 1, 5]
+    toks = list(prompt) + take(decode(model, prompt, GREEDY, draft_tokens="auto",
+                                      policy=ForcedDepths((0, 0, 0, 0, 0, 1, 0, 1, 1))), 40)
+    del model.mtp_forward
+    pre, post = model.trunk(mx.array([toks]))
+    _, ref = model.mtp_forward(0, model.select_hidden(pre, post)[:, :-1], mx.array([toks[1:]]))
+    assert len(seen) >= 10
+    for off, logits in seen:
+        np.testing.assert_allclose(np.array(logits), np.array(ref[0, off - 1]), atol=1e-5)
+
+
+def test_fold_keeps_pending_rows_bounded(monkeypatch):
+    """A long run of plain rounds inside MTP decoding leaves the drafter at most FOLD_ROWS pending trunk rows."""
+    monkeypatch.setattr(spec, "FOLD_ROWS", 5)
+    model = ToyModel(vocab=32, num_mtp=2, seed=1)
+    state = spec.DecodeState(model, use_mtp=True)
+    gen = decode(model, [1, 2, 3, 4], GREEDY, draft_tokens="auto", policy=ForcedDepths((0,)), state=state)
+    for _ in range(30):
+        next(gen)
+        assert state.drafter.inputs[0].shape[1] <= 5
+    assert state.drafter.frontier[0] > 10  # the modules ran over the rows, no draft round needed
+    gen.close()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_sampling_exact_with_plain_rounds_inside_mtp(sampling_model, backend, monkeypatch):
+    """Sampling with plain rounds mixed in (pipelined on the mlx backend at top-p 1) keeps the target's
+    distribution."""
+    monkeypatch.setenv("MLXMTP_SAMPLER", backend)
+    params = SamplingParams(1.0, top_k=3)
+    prompt = [0, 1, 2, 3]
+    probs = exact_joint(sampling_model, prompt, params)
+    runs = 1500
+    counts = {}
+    for seed in range(runs):
+        seq = tuple(take(decode(sampling_model, prompt, params, draft_tokens="auto", policy=ForcedDepths((0, 2, 0)),
+                                seed=seed), 3))
+        counts[seq] = counts.get(seq, 0) + 1
+    assert chi_square_p(counts, probs, runs) > 1e-3
