@@ -13,6 +13,7 @@ and verifies k + 1 rows: the structure of a round, not its payoff, is what is me
 
     python benchmarks/bench_overhead.py --out bench_overhead.json             # small stand-in
     python benchmarks/bench_overhead.py --models small,qwen27b --rounds 8
+    python benchmarks/bench_overhead.py --sampler-ops                          # the sampler's steps, paired
 """
 
 from __future__ import annotations
@@ -93,48 +94,70 @@ def pass_costs(model, prompt: list, max_k: int, repeats: int) -> dict:
             "draft": median_time(draft, repeats)}
 
 
-class HostCounter:
-    """Counts host transfers of the engine before it reported them itself: each SamplingParams.distribution call
-    copies its [rows, V] logits to the host (one synchronisation)."""
-
-    def __init__(self):
-        self.syncs = self.bytes = 0
-        self._orig = SamplingParams.distribution
-
-    def __enter__(self):
-        counter, orig = self, self._orig
-
-        def counted(params, logits):
-            counter.syncs += 1
-            counter.bytes += logits.size * 4
-            return orig(params, logits)
-
-        SamplingParams.distribution = counted
-        return self
-
-    def __exit__(self, *exc):
-        SamplingParams.distribution = self._orig
-
-
-def measure_rounds(model, prompt, params, k, rounds, warmup=3) -> dict:
-    st = speculative.RoundStats()
-    reported = hasattr(st, "syncs")
-    gen = speculative.decode(model, prompt, params, draft_tokens=k, seed=0, stats=st)
-    with HostCounter() as counter:
-        next(gen)  # prefill
-        for _ in range(warmup):
+def measure_rounds(model, prompt, settings: dict, k, rounds, warmup=3) -> dict:
+    """Median round time, syncs and host bytes per round of each setting at draft depth k, the settings' generators
+    stepped in turn (one round each) so that the load on a shared machine falls on all of them alike."""
+    runs = {}
+    for name, params in settings.items():
+        st = speculative.RoundStats()
+        gen = speculative.decode(model, prompt, params, draft_tokens=k, seed=0, stats=st)
+        for _ in range(1 + warmup):  # the prefill, then warm-up rounds
             next(gen)
-        s0 = (st.syncs, st.host_bytes) if reported else (counter.syncs, counter.bytes)
-        f0, times = st.target_forwards, []
-        for _ in range(rounds):
+        runs[name] = (st, gen, (st.target_forwards, st.syncs, st.host_bytes), [])
+    for _ in range(rounds):
+        for st, gen, _, times in runs.values():
             t0 = time.perf_counter()
             next(gen)
             times.append(time.perf_counter() - t0)
-        s1 = (st.syncs, st.host_bytes) if reported else (counter.syncs, counter.bytes)
-    gen.close()
-    n = st.target_forwards - f0
-    return {"round_ms": statistics.median(times) * 1e3, "syncs_per_round": (s1[0] - s0[0]) / n,
-            "host_bytes_per_round": (s1[1] - s0[1]) / n}
+    out = {}
+    for name, (st, gen, (f0, s0, b0), times) in runs.items():
+        gen.close()
+        n = st.target_forwards - f0
+        out[name] = {"round_ms": statistics.median(times) * 1e3, "syncs_per_round": (st.syncs - s0) / n,
+                     "host_bytes_per_round": (st.host_bytes - b0) / n}
+    return out
+
+
+def paired(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, the functions interleaved so that the load on a shared machine cancels out."""
+    for f in fns.values():
+        f()
+    ts = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in ts.items()}
+
+
+def sampler_ops(repeats: int) -> dict:
+    """The sampler's steps on one row of random logits at V = 151,936, MLX's and numpy's ways side by side, and
+    mx.compile against eager for the device draft (the choices sampling.py makes on MLX's CPU back end)."""
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((1, VOCAB)).astype(np.float32))
+    xn = np.asarray(memoryview(x))[0]
+    key = mx.random.key(0)
+    out = {"selection": paired({
+        "mlx argmax (greedy)": lambda: mx.eval(mx.argmax(x, -1)),
+        "mlx argpartition top-64": lambda: mx.eval(mx.argpartition(-x, 63, -1)[:, :64]),
+        "mlx top_ids 64 (block maxima)": lambda: mx.eval(sampling.top_ids(x, 64)),
+        "numpy argpartition top-64": lambda: np.argpartition(xn, VOCAB - 64),
+        "mlx softmax": lambda: mx.eval(mx.softmax(x, -1)),
+        "numpy float32 exp + float64 sum": lambda: np.exp(xn).sum(dtype=np.float64),
+    }, repeats)}
+    for sname, params in list(SETTINGS.items())[1:]:
+        def eager():
+            tok, q = sampling.mx_propose(x, params, sampling.DRAFT_N, key)
+            mx.eval(tok, q.ids, q.probs)
+        compiled = sampling.compiled_proposer(params, sampling.DRAFT_N)
+        out[sname] = paired({
+            "draft eager": eager, "draft compiled": lambda: mx.eval(compiled(x, key)),
+            "numpy p(d) (normaliser + top-p cut)": lambda: sampling.Row(xn, params).at([5]),
+            "numpy p(d) + nucleus": lambda: sampling.Row(xn, params).dist(),
+            "numpy reference sort (SamplingParams.distribution)": lambda: params.distribution(x),
+        }, repeats)
+    return out
 
 
 def main() -> None:
@@ -145,26 +168,35 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="repeats of each isolated pass")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path("bench_overhead.json"))
+    ap.add_argument("--sampler-ops", action="store_true", help="only the sampler's steps at V = 151,936 (paired)")
     args = ap.parse_args()
+    if args.sampler_ops:
+        ops = sampler_ops(max(args.repeats, 15))
+        for group, ms in ops.items():
+            print(f"\n{group}")
+            for name, t in ms.items():
+                print(f"  {name:52s} {t:8.3f} ms")
+        args.out.write_text(json.dumps({"vocab": VOCAB, "sampler_ops_ms": ops}, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+        return
     names = args.models.split(",")
     if any(n not in MODELS for n in names):
         sys.exit(f"error: --models takes {', '.join(MODELS)}")
     prompt = [int(t) for t in np.random.default_rng(0).integers(1, VOCAB, args.prompt_tokens)]
-    report = {"vocab": VOCAB, "sampler": getattr(sampling, "default_backend", lambda: "host float64")(),
-              "models": {}}
+    report = {"vocab": VOCAB, "sampler": sampling.default_backend(), "models": {}}
     for name in names:
         model = build(name)
         costs = pass_costs(model, prompt, args.max_k, args.repeats)
         rows = []
-        for sname, params in SETTINGS.items():
-            for k in range(args.max_k + 1):
-                # isolated costs measured next to the rounds they are compared with (the load on a shared machine
-                # drifts)
-                near = pass_costs(model, prompt, k, args.repeats)
-                r = measure_rounds(model, prompt, params, k, args.rounds)
-                isolated = (near["verify"][k] + k * near["draft"]) * 1e3
+        for k in range(args.max_k + 1):
+            # isolated costs measured next to the rounds they are compared with (the load on a shared machine
+            # drifts)
+            near = pass_costs(model, prompt, k, args.repeats)
+            isolated = (near["verify"][k] + k * near["draft"]) * 1e3
+            for sname, r in measure_rounds(model, prompt, SETTINGS, k, args.rounds).items():
                 rows.append({"setting": sname, "k": k, **r, "isolated_ms": isolated,
                              "overhead_ms": r["round_ms"] - isolated})
+        rows.sort(key=lambda r: list(SETTINGS).index(r["setting"]))
         greedy = {r["k"]: r["round_ms"] for r in rows if r["setting"] == "greedy"}
         for r in rows:
             r["vs_greedy"] = r["round_ms"] / greedy[r["k"]]
