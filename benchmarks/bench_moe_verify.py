@@ -1,26 +1,39 @@
 #!/usr/bin/env python
 """Verify cost over the union of experts (issue #10): cost(m)/cost(1) for m = 1..8 tokens with the stock MoE path
 (mlx-lm's per-pair gather_mm / gather_qmm) and the union path (moe_dispatch: the Metal kernel where it runs, else
-the reference in MLX ops), next to the bytes bound (dense weights once + the union of experts actually routed) and
-the number of unique experts per MoE layer.
+the reference in MLX ops), next to the bytes bound and the number of unique experts per MoE layer.
 
 Two levels, both with random weights (float32 by default: on Linux only float32 goes through BLAS):
 - one MoE layer (SwitchGLU) of the stand-in's proportions, routed by a random softmax router;
 - a whole stand-in model built by the family code: DeepSeek-V3 proportions (MLA, 64 experts, top-8, group-limited
   routing, shared expert) and Qwen3.5-MoE proportions (Gated DeltaNet + attention layers, 128 experts, top-10,
   gated shared expert), two MoE layers each, a verify pass of m random tokens over a 64-token cache.
-Every cost(m) is a median over repeats with fresh tokens each time (so the experts read are not the ones cached by
-the last call); stock and union alternate within each repeat; ratios are against the stock 1-token step measured in
-the same run (what plain decoding costs). On a Mac the same script is the measurement users send back.
+
+The cost model behind the bytes bound: a pass is memory-bound, its cost proportional to the weight bytes it reads,
+each weight read once per pass. One MoE layer: bound(m) = U(m) / k, U(m) the unique experts its m tokens route to
+(a 1-token step reads k experts). Whole model: bound(m) = (dense + sum over MoE layers of U_l(m) e_l) / (dense +
+sum of k e_l), dense = every non-expert weight the pass reads (attention, dense MLPs, shared experts, routers,
+norms, lm_head; the embedding reads m rows and is not counted), e_l one expert's bytes, U_l(m) counted per layer on
+the pass itself (mlxmtp.bench.WeightTraffic). KV-cache and activation traffic and per-op overhead are left out:
+the first two grow with m (so the bound is a floor), the last does not (it pulls measured ratios towards 1).
+
+Columns: stock = stock cost(m) / stock cost(1), what plain decoding cost before the union path; union = union
+cost(m) / stock cost(1); union/u1 = union cost(m) / union cost(1), the ratio MTP sees where the union path is also
+the 1-token step (auto on the CPU back end with float experts); each over the bound, and the spread (p25-p75 of
+cost(m) over the median cost(1)). Every cost(m) is a median over repeats with fresh tokens each time (so the experts
+read are not the ones cached by the last call), the modes alternating within each repeat; the load average is
+printed with each table. On a Mac the same script is the measurement users send back.
 
     python benchmarks/bench_moe_verify.py                     # both stand-ins, layer and model, m = 1..8
     python benchmarks/bench_moe_verify.py --repeats 15 --out moe_verify.json --dtype bfloat16
+    python benchmarks/bench_moe_verify.py --gemm --no-model   # also: one expert's x @ W^T against W @ x^T
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,7 +46,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxmtp.bench import machine_info
-from mlxmtp.doctor import verify_curve
+from mlxmtp.doctor import cost_ratios, verify_curve
 from mlxmtp.models import deepseek_v3, moe_dispatch, qwen3_next
 from mlxmtp.models.layers import SwitchGLU, softmax_topk
 
@@ -73,7 +86,7 @@ def timed(fn) -> float:
 
 def layer_bench(args_d: dict, dtype, max_m: int, repeats: int, seed: int, rho: float) -> dict:
     """One MoE layer; the m hidden states share a component of weight rho (rho = 0: independent routing; adjacent
-    tokens of real text route alike, which is where reading the union pays)."""
+    tokens of real text route alike, which is where reading the union pays). Each mode gets fresh tokens."""
     D, H = args_d["hidden_size"], args_d["moe_intermediate_size"]
     E = args_d.get("n_routed_experts") or args_d["num_experts"]
     k = args_d["num_experts_per_tok"]
@@ -84,25 +97,25 @@ def layer_bench(args_d: dict, dtype, max_m: int, repeats: int, seed: int, rho: f
     expert_bytes = sum(p.nbytes for _, p in tree_flatten(glu.parameters())) / E
     times = {(mode, m): [] for mode in MODES for m in range(1, max_m + 1)}
     unique = {m: [] for m in range(1, max_m + 1)}
+    load = os.getloadavg()[0]
     for r in range(repeats + 1):  # the first sweep warms up
         for m in range(1, max_m + 1):
-            x = (rho**0.5 * mx.random.normal((1, 1, D)) + (1 - rho) ** 0.5 * mx.random.normal((1, m, D))).astype(dtype)
-            inds, _ = softmax_topk(router(x.astype(mx.float32)), k, True)
-            mx.eval(x, inds)
             for mode in (MODES if r % 2 else MODES[::-1]):
+                x = (rho**0.5 * mx.random.normal((1, 1, D)) + (1 - rho) ** 0.5 * mx.random.normal((1, m, D)))
+                inds, _ = softmax_topk(router(x), k, True)
+                x = x.astype(dtype)
+                mx.eval(x, inds)
                 with moe_dispatch.dispatch_mode(mode):
                     t = timed(lambda: glu(x, inds))
                 if r:
                     times[mode, m].append(t)
-            if r:
-                unique[m].append(moe_dispatch.union_stats(np.array(inds).reshape(m, k))[0])
-    base = statistics.median(times["stock", 1])
-    rows = []
-    for m in range(1, max_m + 1):
-        u = float(np.mean(unique[m]))
-        rows.append({"m": m, "unique_experts": u, "bytes_bound": u / k,
-                     **{mode: statistics.median(times[mode, m]) / base for mode in MODES}})
-    return {"experts": E, "top_k": k, "rho": rho, "expert_bytes": expert_bytes, "stock_1_ms": base * 1e3, "rows": rows}
+                    unique[m].append(moe_dispatch.union_stats(np.array(inds).reshape(m, k))[0])
+    base, rows = cost_ratios(times, MODES, max_m)
+    for row in rows:
+        u = float(np.mean(unique[row["m"]]))
+        row.update(unique_experts=u, bytes_bound=u / k)
+    return {"experts": E, "top_k": k, "rho": rho, "expert_bytes": expert_bytes, "stock_1_ms": base * 1e3,
+            "rows": rows, "load_average": [load, os.getloadavg()[0]]}
 
 
 def model_bench(family, args_d: dict, dtype, max_m: int, repeats: int, seed: int) -> dict:
@@ -118,11 +131,43 @@ def model_bench(family, args_d: dict, dtype, max_m: int, repeats: int, seed: int
 
 
 def print_table(title: str, res: dict) -> None:
-    print(f"\n{title}  (stock 1-token step {res['stock_1_ms']:.2f} ms)")
-    print(f"{'m':>2} {'experts':>8} {'bytes bound':>11} {'stock':>7} {'union':>7} {'stock/bound':>11} {'union/bound':>11}")
+    r1 = res["rows"][0]
+    print(f"\n{title}\n  stock 1-token step {res['stock_1_ms']:.2f} ms, union {res['stock_1_ms'] * r1['union']:.2f} ms; "
+          f"load average {res['load_average'][0]:.1f} -> {res['load_average'][1]:.1f} (this machine: {os.cpu_count()} "
+          "CPUs)")
+    print(f"{'m':>2} {'experts':>7} {'bound':>6} {'stock':>6} {'union':>6} {'union/1':>7} {'stock/bd':>8} "
+          f"{'union/bd':>8} {'union/1/bd':>10}  {'stock p25-p75':>13}  {'union p25-p75':>13}")
     for r in res["rows"]:
-        print(f"{r['m']:>2} {r['unique_experts']:>8.1f} {r['bytes_bound']:>11.2f} {r['stock']:>7.2f} {r['union']:>7.2f}"
-              f" {r['stock'] / r['bytes_bound']:>11.2f} {r['union'] / r['bytes_bound']:>11.2f}")
+        b = r["bytes_bound"]
+        print(f"{r['m']:>2} {r['unique_experts']:>7.1f} {b:>6.2f} {r['stock']:>6.2f} {r['union']:>6.2f} "
+              f"{r['union/1']:>7.2f} {r['stock'] / b:>8.2f} {r['union'] / b:>8.2f} {r['union/1'] / b:>10.2f}  "
+              f"{r['stock_p25']:>6.2f}-{r['stock_p75']:<6.2f}  {r['union_p25']:>6.2f}-{r['union_p75']:<6.2f}")
+
+
+def gemm_bench(D: int, H: int, E: int, repeats: int) -> list[dict]:
+    """One expert projection [H, D] in float32 at R = 1..4 rows: x @ W^T (mlx-lm's SwitchLinear, the stock path)
+    against W @ x^T (the union path's float layout), a fresh (uncached) expert per call, the two interleaved."""
+    mx.random.seed(0)
+    W = mx.random.normal((E, H, D)) * D**-0.5
+    mx.eval(W)
+    zero = mx.array([0], mx.uint32)
+    out = []
+    for R in (1, 2, 3, 4):
+        x = mx.random.normal((1, R, D))
+        mx.eval(x)
+        ts = {"x@W^T": [], "W@x^T": []}
+        for i in range(2 * repeats + 2):
+            e = mx.array([i % E], mx.uint32)
+            f = ((lambda: mx.gather_mm(x, W.swapaxes(-1, -2), rhs_indices=e)) if i % 2 else
+                 (lambda: mx.gather_mm(W, x.swapaxes(-1, -2), lhs_indices=e, rhs_indices=zero)))
+            t = timed(f)
+            if i >= 2:
+                ts["x@W^T" if i % 2 else "W@x^T"].append(t)
+        out.append({"rows": R, **{k: statistics.median(v) * 1e3 for k, v in ts.items()}})
+    print(f"\none expert projection [{H} x {D}] float32, median ms over {repeats} (uncached experts)")
+    for r in out:
+        print(f"  R={r['rows']}  x@W^T {r['x@W^T']:.2f}  W@x^T {r['W@x^T']:.2f}  ratio {r['x@W^T'] / r['W@x^T']:.2f}")
+    return out
 
 
 def main() -> None:
@@ -134,6 +179,7 @@ def main() -> None:
     ap.add_argument("--rho", default="0,0.7", help="layer level: shared component of the m hidden states (0 = "
                                                    "independent routing), comma-separated")
     ap.add_argument("--no-model", action="store_true", help="only the single-layer measurement")
+    ap.add_argument("--gemm", action="store_true", help="also time one expert projection in both orientations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_moe_verify.json"))
     a = ap.parse_args()
@@ -148,6 +194,10 @@ def main() -> None:
     report = {"machine": machine_info(), "dtype": a.dtype, "repeats": a.repeats,
               "union_path": "metal kernel" if moe_union.metal_available() else "reference (MLX ops)", "results": {}}
     print(f"union path: {report['union_path']}; BLAS: {report['machine'].get('blas')}; dtype {a.dtype}")
+    if a.gemm:
+        d = STAND_INS[names[0]][1]
+        report["gemm"] = gemm_bench(d["hidden_size"], d["moe_intermediate_size"],
+                                    d.get("n_routed_experts") or d["num_experts"], 4 * a.repeats)
     for name in names:
         family, args_d = STAND_INS[name]
         res = {"layer": {}}

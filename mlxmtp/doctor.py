@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -90,9 +91,27 @@ def switch_glu_stock(glu, x, inds):
         return glu(x, inds)
 
 
+def cost_ratios(times: dict, modes, max_m: int) -> tuple[float, list[dict]]:
+    """times[mode, m]: costs in seconds -> (the first mode's median 1-token cost, rows per m). A row has, per mode,
+    its median cost over that base, the p25 / p75 of its costs over it, and "<mode>/1": its median over the mode's
+    own median 1-token cost."""
+    base = statistics.median(times[modes[0], 1])
+    rows = []
+    for m in range(1, max_m + 1):
+        row = {"m": m}
+        for mode in modes:
+            ts = times[mode, m]
+            q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
+            row.update({mode: statistics.median(ts) / base, f"{mode}_p25": q[0] / base, f"{mode}_p75": q[2] / base,
+                        f"{mode}/1": statistics.median(ts) / statistics.median(times[mode, 1])})
+        rows.append(row)
+    return base, rows
+
+
 def verify_curve(model, max_m: int = 8, repeats: int = 5, modes=("auto",), context: int = 64, seed: int = 0) -> dict:
     """cost(m)/cost(1) of a verify pass of m random tokens over a `context`-token cache, per dispatch mode (ratios
-    against the first mode's 1-token pass), next to the bytes bound and the unique experts per MoE layer."""
+    against the first mode's 1-token pass, modes alternating within each repeat), next to the bytes bound and the
+    unique experts per MoE layer (counted on an extra pass outside the timing)."""
     traffic = WeightTraffic(model)
     rng = np.random.default_rng(seed)
     vocab = min(getattr(model.args, "vocab_size", 256), 1 << 30)
@@ -101,6 +120,7 @@ def verify_curve(model, max_m: int = 8, repeats: int = 5, modes=("auto",), conte
     times = {(mode, m): [] for mode in modes for m in range(1, max_m + 1)}
     read = {m: [] for m in range(1, max_m + 1)}
     unique = {m: [] for m in range(1, max_m + 1)}
+    load = os.getloadavg()[0]
     for r in range(repeats + 1):  # the first sweep warms up
         for m in range(1, max_m + 1):
             tokens = mx.array(rng.integers(0, vocab, (1, m)))  # fresh tokens: other experts than the last pass's
@@ -119,15 +139,13 @@ def verify_curve(model, max_m: int = 8, repeats: int = 5, modes=("auto",), conte
                 rollback(cache, m)
                 read[m].append(s["verify_weight_bytes"])
                 unique[m].append(s["experts_per_moe_layer_pass"])
-    base = statistics.median(times[modes[0], 1])
+    base, rows = cost_ratios(times, modes, max_m)
     b1 = float(np.mean(read[1]))
-    rows = []
-    for m in range(1, max_m + 1):
-        u = [v for v in unique[m] if v is not None]
-        rows.append({"m": m, "bytes_bound": float(np.mean(read[m])) / b1,
-                     "unique_experts": float(np.mean(u)) if u else None,
-                     **{mode: statistics.median(times[mode, m]) / base for mode in modes}})
-    return {"one_token_ms": base * 1e3, "weight_bytes_1_token": b1, "modes": list(modes), "rows": rows}
+    for row in rows:
+        u = [v for v in unique[row["m"]] if v is not None]
+        row.update(bytes_bound=float(np.mean(read[row["m"]])) / b1, unique_experts=float(np.mean(u)) if u else None)
+    return {"one_token_ms": base * 1e3, "weight_bytes_1_token": b1, "modes": list(modes), "rows": rows,
+            "load_average": [load, os.getloadavg()[0]]}
 
 
 def report(model=None, model_path=None, max_m: int = 8, repeats: int = 5) -> dict:
