@@ -2,7 +2,8 @@
 
 - the machine: platform, MLX version and default device, Metal, the BLAS of MLX's CPU back end;
 - each custom kernel (mlxmtp/metal_kernels/): its self-check against the reference on this machine (pass / fail,
-  max difference, tolerance) and its time against the reference union path and against stock gather_(q)mm;
+  max difference, tolerance) and its time against the reference union path, the sync-free sorted path (what a GPU
+  uses where the kernel does not run) and stock gather_(q)mm;
   without Metal the kernel is reported unavailable and only the reference and stock paths are measured;
 - with a model: the verify cost curve cost(m)/cost(1), m = 1..8, of the dispatch this machine uses, beside the
   bytes bound of each m (dense weights once + the union of the experts the m tokens actually routed to).
@@ -71,6 +72,7 @@ def kernel_report(repeats: int = 10) -> list[dict]:
         stock = lambda: switch_glu_stock(glu, x, inds)  # noqa: E731
         row["stock_ms"] = _median_ms(stock, repeats)
         row["reference_ms"] = _median_ms(lambda: moe_dispatch.union_switch_glu(glu, x, inds), repeats)
+        row["sorted_ms"] = _median_ms(lambda: moe_dispatch.sorted_switch_glu(glu, x, inds), repeats)
         if metal:
             checks = moe_union.check_switch_glu(glu, dtype)
             failed = [c for c in checks if not c.passed]
@@ -175,7 +177,7 @@ def render(r: dict) -> str:
         if k["status"] in ("pass", "fail"):
             head += f"  max diff {k['max_diff']:.2e} (tolerance {k['tolerance']:.2e})"
         times = [f"{name} {k[key]:.3f} ms" for name, key in (("kernel", "kernel_ms"), ("reference union",
-                 "reference_ms"), ("stock gather", "stock_ms")) if key in k]
+                 "reference_ms"), ("sorted", "sorted_ms"), ("stock gather", "stock_ms")) if key in k]
         lines.append(head + ("  | " + ", ".join(times) if times else "") + (f"  [{k['note']}]" if "note" in k else "")
                      + (f"  error: {k['error']}" if "error" in k else ""))
     if "model" in r:

@@ -27,7 +27,7 @@ def test_text_report_is_honest_about_metal():
     assert "not checked here: the Metal kernel itself" in r.output
     for fmt in ("float32", "q4", "q8"):
         line = next(line for line in r.output.splitlines() if f"moe_union  {fmt} " in line)
-        assert "unavailable" in line and "reference union" in line and "stock gather" in line
+        assert "unavailable" in line and "reference union" in line and "sorted" in line and "stock gather" in line
     assert "pass" not in r.output  # no self-check claimed where none ran
 
 
@@ -41,7 +41,8 @@ def test_json_report_with_model_curve(ckpt):
     assert kernels["bfloat16"]["status"] == "not measured" and "kernel_ms" not in kernels["bfloat16"]
     rows = rep["model"]["rows"]
     assert [row["m"] for row in rows] == [1, 2, 3]
-    assert rows[0]["bytes_bound"] == 1.0 and rows[0]["auto"] == 1.0
+    assert rows[0]["bytes_bound"] == 1.0 and rows[0]["auto"] == 1.0 and rows[0]["auto/1"] == 1.0
+    assert all(row[f"{mode}_p25"] <= row[mode] <= row[f"{mode}_p75"] for row in rows for mode in ("auto", "stock"))
     # more tokens read at least the same weights: the union of their experts only grows
     assert all(b["bytes_bound"] >= a["bytes_bound"] for a, b in zip(rows, rows[1:]))
     assert rows[0]["unique_experts"] == 2 and all(row["unique_experts"] >= 2 for row in rows)
