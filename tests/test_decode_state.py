@@ -133,3 +133,29 @@ def test_generate_from_state_reports_cached_tokens():
     r2 = generate(model, tok, follow, max_tokens=8, draft_tokens=2, state=state)
     assert r2.stats.cached_tokens >= len(tok.encode(first))
     assert r2.tokens == generate(model, tok, follow, max_tokens=8, draft_tokens=2).tokens
+
+
+@pytest.mark.parametrize("ks", [(0,), (2, 0, 0)])
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_reuse_after_plain_rounds_inside_mtp(family_model, ks, backend, monkeypatch):
+    """A generation that stops while a pipelined plain round inside MTP decoding has its pass queued leaves a
+    state (trunk, drafter and its pending hidden states) from which the next turn equals a fresh prefill; greedy,
+    and sampled on both back ends (pipelined on mlx)."""
+    from tests.test_speculative import ForcedDepths
+
+    model = family_model
+    mtp = model.num_mtp_modules > 0  # a family without MTP: the same for pipelined plain decoding
+    monkeypatch.setenv("MLXMTP_SAMPLER", backend)
+    vocab = min(model.args.vocab_size, 256)
+    a = [int(t) for t in prompts(vocab, n=1, seed=7)[0]] * 2
+    extra = [int(t) for t in prompts(vocab, n=1, seed=8)[0]]
+    for params in (GREEDY, SAMPLED):
+        state, st = DecodeState(model, use_mtp=mtp), RoundStats()
+        take(decode(model, a, params, draft_tokens="auto" if mtp else 0, policy=ForcedDepths(ks), seed=0,
+                    state=state, stats=st), N)
+        assert st.rounds_by_k[0] > 0 and not state.busy
+        assert state.n_cached == len(state.tokens) - 1  # the queued pass's token was read when it stopped
+        b = list(state.tokens) + extra
+        state.trim(b)
+        k = 2 if mtp else 0
+        assert run(model, b, params, k, state=state, seed=1) == run(model, b, params, k, seed=1), (params, ks)

@@ -62,3 +62,19 @@ def test_rollback_at_every_rejection_position(family_model):
                           stats=st), N_TOKENS)
         assert got == plain[:N_TOKENS], (name, right)
         assert st.accepted == right * st.target_forwards
+
+
+def test_greedy_with_plain_rounds_inside_mtp_equals_plain(family_model, monkeypatch):
+    """auto's mix of depths, forced: plain rounds (pipelined, their hidden states handed to the drafter lazily,
+    folded every few rows) between drafting rounds of every depth, on every cache type."""
+    import mlxmtp.speculative as spec
+    from tests.test_speculative import MIXED, ForcedDepths
+
+    name, model = family_model
+    monkeypatch.setattr(spec, "FOLD_ROWS", 3)
+    for p in prompts(min(model.args.vocab_size, 256), n=5, seed=4):
+        plain = take(decode(model, p, GREEDY), 2 * N_TOKENS)
+        st = RoundStats()
+        got = take(decode(model, p, GREEDY, draft_tokens="auto", policy=ForcedDepths(MIXED), stats=st), 2 * N_TOKENS)
+        assert got == plain, (name, p)
+        assert st.rounds_by_k[0] > 0 and (st.drafted > 0 or not model.num_mtp_modules)
