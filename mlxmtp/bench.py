@@ -425,6 +425,10 @@ def summarize(runs: list[dict], settings: list[Setting]) -> dict:
                  "decode_tokens_per_s_median": med, "ratio_vs_plain": med / base if base else None,
                  "paired_ratio_vs_plain_median": statistics.median(paired) if paired else None,
                  **_acceptance(rs), "by_category": {}}
+        depths = [r["rounds_by_depth"] for r in rs if r.get("rounds_by_depth")]
+        if depths:  # what auto chose (for a fixed k, that k), and the host synchronisations a round took
+            entry["rounds_by_depth"] = [sum(d[k] for d in depths if k < len(d)) for k in range(max(map(len, depths)))]
+            entry["syncs_per_round"] = statistics.mean(r["syncs_per_round"] for r in rs if r.get("rounds_by_depth"))
         for c in sorted({r["category"] for r in rs}):
             rc = [r for r in rs if r["category"] == c]
             entry["by_category"][c] = {"decode_tokens_per_s_median": _median_tps(rc), **_acceptance(rc)}
@@ -484,6 +488,11 @@ def print_report(report: dict, console=None) -> None:
     if report.get("interrupted"):
         console.print(f"Interrupted: {len(report['runs'])} of {report['runs_planned']} runs finished; the figures "
                       "are over those.")
+    for name, e in summary.items():
+        if e["draft_tokens"] == "auto" and e.get("rounds_by_depth"):
+            n = sum(e["rounds_by_depth"])
+            chose = ", ".join(f"k={k} {c / n:.1%}" for k, c in enumerate(e["rounds_by_depth"]) if c)
+            console.print(f"{name} chose: {chose} of {n} rounds; {e['syncs_per_round']:.2f} host syncs per round")
     mtp = [n for n, e in summary.items() if e["backend"] == "mlxmtp" and e["draft_tokens"] != 0]
     if mtp:
         c = Table(box=box.SIMPLE_HEAD, title="tau by prompt category")

@@ -11,7 +11,9 @@ which is how single-module families draft k > 1 (vLLM's and SGLang's convention)
 Prefill runs the trunk and then every MTP module over the prompt (MTPDrafter.prefill). Each round: draft k tokens ->
 verify [t[P], d1..dk] in one trunk pass -> accept (sampling.Sampler.accept: the round's one host synchronisation) ->
 roll the trunk caches back past the accepted prefix -> hand the accepted positions' hidden states to the drafter,
-which folds them into its next call (no separate pass to extend the MTP caches).
+which folds them into its next call (no separate pass to extend the MTP caches). A round with k = 0 is the same
+loop without the drafts, pipelined (decode's docstring); inside MTP decoding its hidden state waits for the drafter
+like an accepted position's, and after FOLD_ROWS of them the modules catch up without a synchronisation.
 """
 
 from __future__ import annotations
@@ -178,7 +180,9 @@ class DecodeState:
       None for a state decoded without MTP (it cannot serve a generation that drafts).
     - ``tokens``: the ids the state depends on; a prompt continuing it must start with them. During decoding they
       are the committed tokens, the last of which (the last one emitted) is not in the trunk cache yet, and the
-      MTP modules' rows have used all of them.
+      MTP modules' rows have used all of them. Exception: while a generation is suspended after a pipelined plain
+      round, the queued pass has already fed the last emitted token (n_cached = len(tokens)); trim and copy work
+      from n_cached all the same, and closing the generation reads the queued token, restoring the rule above.
     - ``busy``: True while a round is in flight; a state whose decoding was interrupted mid-round (an exception
       inside a pass) is left busy and must not be reused.
     """
@@ -308,7 +312,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     drafter, cache = state.drafter, state.cache
     if drafter is not None:
         drafter.min_draft_prob = min_draft_prob
-    if auto and use_mtp:
+    observe = policy.observe if auto and use_mtp else None
+    if observe:
         policy.start()
 
     def sync_stats():
@@ -343,8 +348,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
         tokens.append(sampler.fetch(lazy)[0])
         if lazy_round:
             stats.record(0, 0)
-            if policy is not None:
-                policy.observe(0, 0, 0, time.perf_counter() - t_out)
+            if observe:
+                observe(0, 0, 0, time.perf_counter() - t_out)
         sync_stats()
         t_out = time.perf_counter()
         return [tokens[-1]]
@@ -365,7 +370,7 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
                 else:
                     mx.async_eval(nxt)
                 state.n_cached += 1
-                if lazy is None:  # the input was on the host already (after prefill or an MTP round): nothing to hand out
+                if lazy is None:  # its input was on the host (after the prefill or a drafting round): none to hand out
                     lazy, lazy_round = nxt, True
                     continue
                 new = hand_out_lazy()
@@ -388,8 +393,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
                 drafter.extend(hidden[:, : n_acc + 1])
             stats.record(len(drafted), n_acc)
             sync_stats()
-            if policy is not None:
-                policy.observe(k, len(drafted), n_acc, time.perf_counter() - t_out)
+            if observe:
+                observe(k, len(drafted), n_acc, time.perf_counter() - t_out)
             t_out = time.perf_counter()
             new = drafted[:n_acc] + [nxt]
             tokens.extend(new)

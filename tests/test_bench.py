@@ -61,6 +61,10 @@ def test_bench_cli_writes_json(ckpt, tmp_path):
         assert set(e["by_category"]) == set(report["categories"])
         assert 0 < e["weight_bytes_per_token"] < bench.MIN_PROJECTED_BYTES and "projected_tokens_per_s" not in e
     assert len(s["k=2"]["acceptance_by_depth"]) == 2 and s["k=2"]["drafted"] == 2 * s["k=2"]["verify_passes"]
+    # what auto chose, and the syncs per round (greedy: one)
+    assert sum(s["auto"]["rounds_by_depth"]) == s["auto"]["verify_passes"] and s["plain"]["rounds_by_depth"] == [
+        s["plain"]["verify_passes"]] and s["k=2"]["rounds_by_depth"][2] == s["k=2"]["verify_passes"]
+    assert s["k=2"]["syncs_per_round"] == 1.0 and "auto chose: k=" in r.stdout
     # verify passes of 2-3 tokens read the union of their experts: more than top-k, at most all of them
     assert s["plain"]["experts_per_moe_layer_pass"] == 2
     assert 2 < s["k=2"]["experts_per_moe_layer_pass"] <= 6
