@@ -83,7 +83,9 @@ def kernel_report(repeats: int = 10) -> list[dict]:
             else:
                 row["kernel_ms"] = _median_ms(lambda: moe_union.kernel_switch_glu(glu, x, inds), repeats)
         else:
-            row.update(status="unavailable", note="no Metal (MLX CPU back end): the reference union path runs")
+            with moe_dispatch.dispatch_mode("auto"):
+                path = moe_dispatch.choose_path(glu, moe_union.CHECK_TOKENS)
+            row.update(status="unavailable", note=f"no Metal (MLX CPU back end): auto takes the {path} path here")
         out.append(row)
     return out
 
