@@ -13,8 +13,12 @@ window is a sequence that starts at position 0, exactly as a prompt does for the
 the trainer reports, measured with ``mlxmtp.generate(..., draft_tokens=k)``, is what ``mlxmtp bench`` measures on
 the written checkpoint (tests/test_train_heads.py checks this).
 
-Teacher distributions are computed on the fly (one trunk forward per batch: caching V floats per token to disk would
-cost far more than the forward). The corpus is a text file, a .jsonl ("text" or "prompt" per line), a directory of
+Teacher targets are computed on the fly (one trunk forward per batch), or, with ``teacher_cache`` K > 0, once per
+training row and memory-mapped from the work directory (``TeacherCache``): the module-0 input hidden state and the
+trunk's top-K (ids, log-probs) per position plus the log of the mass outside them. The cached loss is then the KL
+between the two distributions coarsened to K + 1 bins (the K ids and "everything else"): exact for K >= vocab size
+(the full distribution, equal to the on-the-fly loss), otherwise a lower bound of the full KL that matches the
+student on the teacher's top K and on the tail's total mass but not on its shape. The corpus is a text file, a .jsonl ("text" or "prompt" per line), a directory of
 .py / .txt / .md files or a list of strings; with ``generate_tokens`` it is only a prompt source and the heads train
 on the trunk's own batched generations, generated once and cached in the work directory.
 
@@ -56,6 +60,7 @@ EXPERT_NAMES = {"minimax_m2": {"gate_proj": "w1", "down_proj": "w2", "up_proj": 
 DEFAULT_MODULES = {"minimax_m2": 3}
 TEXT_SUFFIXES = (".py", ".txt", ".md")
 TRAINED_BY = "mlxmtp train-heads"
+INITS = ("last-layer", "fresh", "checkpoint")
 
 
 @dataclass
@@ -63,7 +68,8 @@ class Recipe:
     """Everything that determines the result; a resumed run must match it exactly."""
 
     modules: int = 0  # 0: what the config declares, else the family's default, else 1
-    init: str = "last-layer"  # or "fresh": block weights from the trunk's last layer where shapes allow
+    init: str = "last-layer"  # block weights from the trunk's last layer where shapes allow; "fresh"; or
+    # "checkpoint": continue from the source checkpoint's own (float) MTP modules
     steps: int = 300
     batch: int = 8
     seq_len: int = 128
@@ -81,6 +87,7 @@ class Recipe:
     eval_tokens: int = 32
     eval_every: int = 100
     save_every: int = 50
+    teacher_cache: int = 0  # 0: teacher targets on the fly; K > 0: top-K cached to disk (K >= vocab: all of it)
     dtype: str = "auto"  # dtype of the written MTP tensors: the trunk's (config torch_dtype) or float32/bfloat16/...
     corpus: str = ""  # a description of the corpus (path or digest), part of the recipe
 
@@ -104,18 +111,26 @@ def module_count(config: dict, recipe: Recipe) -> int:
 
 
 def attach_heads(path: Path, n: int, init: str, seed: int):
-    """The frozen trunk of the checkpoint (its own MTP weights, if any, left out) with n new MTP modules."""
+    """The frozen trunk of the checkpoint with n MTP modules to train: new ones (the checkpoint's own, if any, left
+    out), or with init "checkpoint" its own."""
     config = read_config(path)
     if config["model_type"] not in SUPPORTED:
         raise MLXMTPError(f"train-heads supports {', '.join(SUPPORTED)} (DeepSeek-style MTP layers); "
                           f"{config['model_type']!r} is not supported yet")
-    if init not in ("last-layer", "fresh"):
-        raise ValueError(f"init must be 'last-layer' or 'fresh', got {init!r}")
-    model = load_model(path, mtp=False)
-    family = get_family(config["model_type"])
-    mx.random.seed(seed)
-    fresh = family.Model(family.ModelArgs.from_dict({**config, "num_nextn_predict_layers": n}), num_mtp=n)
-    modules = fresh.mtp
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    model = load_model(path, mtp=init == "checkpoint")
+    if init == "checkpoint":
+        modules = model.mtp
+        if len(modules) != n:
+            raise MLXMTPError(f"--init checkpoint continues {path}'s own MTP modules: it has {len(modules)}, not {n}")
+        if any(hasattr(m, "scales") for x in modules for _, m in x.named_modules()):
+            raise MLXMTPError(f"--init checkpoint: {path}'s MTP modules are quantized; train from a float checkpoint")
+    else:
+        family = get_family(config["model_type"])
+        mx.random.seed(seed)
+        fresh = family.Model(family.ModelArgs.from_dict({**config, "num_nextn_predict_layers": n}), num_mtp=n)
+        modules = fresh.mtp
     for m in modules:  # trained and kept in float32 whatever the trunk runs in
         m.set_dtype(mx.float32)
     if init == "last-layer":
@@ -132,7 +147,7 @@ def attach_heads(path: Path, n: int, init: str, seed: int):
 def _init_from_trunk(model, module) -> None:
     """Block = a copy of the trunk's last decoder layer (same shapes, float); final norm = the trunk's; eh_proj maps
     the hidden half through unchanged, so the untrained module starts as 'one more trunk layer'."""
-    last = dict(tree_flatten(model.model.layers[-1].parameters()))
+    last = _float_parameters(model.model.layers[-1])
     block = dict(tree_flatten(module.block.parameters()))
     if set(last) == set(block) and all(last[k].shape == block[k].shape for k in block):
         module.block.update(tree_unflatten([(k, last[k].astype(mx.float32)) for k in block]))
@@ -144,17 +159,55 @@ def _init_from_trunk(model, module) -> None:
     module.norm.weight = model.model.norm.weight.astype(mx.float32)
 
 
-def heads_loss(model, hidden: mx.array, tokens: mx.array, teacher_logp: mx.array):
-    """Mean over modules of KL(p_trunk || q_j). hidden [B, T, H] (trunk), tokens [B, T], teacher_logp [B, T, V]."""
+NEG = -1e9  # "log 0" that keeps masked log-sum-exps and their gradients finite
+
+
+def _float_parameters(layer) -> dict:
+    """A layer's parameters with quantized weights (mlxmtp convert) dequantized, so a 4-bit trunk inits as a float one."""
+    params = dict(tree_flatten(layer.parameters()))
+    for name, m in layer.named_modules():
+        if hasattr(m, "scales") and hasattr(m, "bits"):
+            p = f"{name}." if name else ""
+            params[p + "weight"] = mx.dequantize(m.weight, m.scales, params.pop(p + "biases", None), m.group_size,
+                                                 m.bits, mode=getattr(m, "mode", "affine"))
+            del params[p + "scales"]
+    return params
+
+
+def heads_loss(model, hidden: mx.array, tokens: mx.array, target):
+    """Mean over modules of KL(p_trunk || q_j). hidden [B, T, H] (trunk), tokens [B, T]; target: the teacher's
+    log-distributions [B, T, V] (on the fly), or cached top-K (ids [B, T, K], log-probs [B, T, K], log tail mass
+    [B, T]) for the KL over K + 1 bins (module doc)."""
     T = tokens.shape[1]
     h, kls = hidden, []
     for j in range(model.num_mtp_modules):
         rows = T - j - 1  # rows i whose token t[i+j+1] and target (trunk at i+j+1) exist in the window
         h, logits = model.mtp_forward(j, h[:, :rows], tokens[:, j + 1 : j + 1 + rows])
         logq = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
-        p_log = teacher_logp[:, j + 1 : j + 1 + rows]
-        kls.append((mx.exp(p_log) * (p_log - logq)).sum(-1).mean())
+        at = slice(j + 1, j + 1 + rows)
+        if isinstance(target, mx.array):
+            p_log = target[:, at]
+            kls.append((mx.exp(p_log) * (p_log - logq)).sum(-1).mean())
+        else:
+            kls.append(topk_kl(logq, *(t[:, at] for t in target)).mean())
     return sum(kls) / len(kls), kls
+
+
+def topk_kl(logq: mx.array, ids: mx.array, p_log: mx.array, p_tail: mx.array) -> mx.array:
+    """KL over the bins {ids..., everything else}: sum_k p_k (log p_k - log q_k) + r (log r - log q_rest)."""
+    q_log = mx.take_along_axis(logq, ids, axis=-1)
+    inside = mx.put_along_axis(mx.zeros(logq.shape, dtype=mx.bool_), ids, mx.array(True), axis=-1)
+    q_tail = mx.logsumexp(mx.where(inside, NEG, logq), axis=-1)
+    return (mx.exp(p_log) * (p_log - q_log)).sum(-1) + mx.exp(p_tail) * (p_tail - q_tail)
+
+
+def topk_targets(logp: mx.array, k: int):
+    """The teacher's top-k (ids, log-probs) and the log of the mass outside them (NEG-level when k = vocab)."""
+    V = logp.shape[-1]
+    ids = (mx.broadcast_to(mx.arange(V, dtype=mx.int32), logp.shape) if k >= V
+           else mx.argpartition(-logp, k - 1, axis=-1)[..., :k].astype(mx.int32))
+    inside = mx.put_along_axis(mx.zeros(logp.shape, dtype=mx.bool_), ids, mx.array(True), axis=-1)
+    return ids, mx.take_along_axis(logp, ids, axis=-1), mx.logsumexp(mx.where(inside, NEG, logp), axis=-1)
 
 
 def teacher(model, tokens: mx.array):
@@ -250,12 +303,73 @@ class Windows:
             raise MLXMTPError(f"the corpus has {0 if stream is None else len(stream)} training tokens; "
                               f"need more than --seq-len {seq_len}")
 
-    def batch(self, step: int, size: int) -> mx.array:
+    def batch(self, step: int, size: int) -> tuple[mx.array, Optional[np.ndarray]]:
+        """(windows, the row indices they are, or None for windows cut from the stream)."""
         rng = np.random.default_rng([self.seed, step])
         if self.rows is not None:
-            return mx.array(self.rows[rng.integers(0, len(self.rows), size)])
+            idx = rng.integers(0, len(self.rows), size)
+            return mx.array(self.rows[idx]), idx
         starts = rng.integers(0, len(self.stream) - self.seq_len, size)
-        return mx.array(np.stack([self.stream[s : s + self.seq_len] for s in starts]))
+        return mx.array(np.stack([self.stream[s : s + self.seq_len] for s in starts])), None
+
+
+def stream_rows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """The stream as consecutive windows of seq_len (fixed rows, so that their teacher targets can be cached)."""
+    n = len(stream) // seq_len
+    if n < 1:
+        raise MLXMTPError(f"the corpus has {len(stream)} training tokens; need at least --seq-len {seq_len}")
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+class TeacherCache:
+    """Teacher targets of every training row, computed once and memory-mapped from DIR/teacher-top{K}/: hidden.npy
+    (module-0 input, float32, the trunk's dtype restored on reading), ids.npy / logp.npy (top-K per position) and
+    tail.npy (log of the mass outside them). meta.json is written last: a directory without it is rebuilt."""
+
+    NAMES = ("hidden", "ids", "logp", "tail")
+
+    def __init__(self, directory: Path, k: int):
+        self.dir, self.k = directory / f"teacher-top{k}", k
+
+    @staticmethod
+    def nbytes(rows: np.ndarray, hidden_size: int, vocab: int, k: int) -> int:
+        return rows.size * (4 * hidden_size + 8 * min(k, vocab) + 4)
+
+    def open(self, model, rows: np.ndarray, batch: int, progress: bool) -> "TeacherCache":
+        if not (self.dir / "meta.json").exists():
+            self._build(model, rows, batch, progress)
+        meta = json.loads((self.dir / "meta.json").read_text())
+        if meta["rows"] != list(rows.shape):
+            raise MLXMTPError(f"{self.dir} caches {meta['rows']} rows, not {list(rows.shape)}; remove it")
+        self.dtype = getattr(mx, meta["dtype"])
+        self.arrays = {n: np.load(self.dir / f"{n}.npy", mmap_mode="r") for n in self.NAMES}
+        return self
+
+    def _build(self, model, rows: np.ndarray, batch: int, progress: bool) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        bar, files, dtype = _Bar(progress, len(rows), 0, "caching teacher targets"), None, None
+        for s in range(0, len(rows), batch):
+            hidden, logp = teacher(model, mx.array(rows[s : s + batch]))
+            chunk = {"hidden": hidden.astype(mx.float32), **dict(zip(self.NAMES[1:], topk_targets(logp, self.k)))}
+            mx.eval(chunk)
+            if files is None:
+                dtype = str(hidden.dtype).split(".")[-1]
+                files = {n: np.lib.format.open_memmap(self.dir / f"{n}.npy", mode="w+", dtype=np.dtype(str(a.dtype).split(".")[-1]),
+                                                      shape=(len(rows), *a.shape[1:])) for n, a in chunk.items()}
+            for n, a in chunk.items():
+                files[n][s : s + len(a)] = np.array(a)
+            for _ in range(len(hidden)):
+                bar.advance(None, None)
+        bar.close()
+        for f in files.values():
+            f.flush()
+        (self.dir / "meta.json").write_text(json.dumps({"rows": list(rows.shape), "top": self.k, "dtype": dtype}))
+
+    def batch(self, idx: np.ndarray):
+        """(hidden [B, T, H] in the trunk's dtype, (ids, log-probs, log tail mass)) for rows idx."""
+        a = {n: mx.array(np.asarray(self.arrays[n][idx])) for n in self.NAMES}
+        return a["hidden"].astype(self.dtype), (a["ids"], a["logp"], a["tail"])
 
 
 def heldout_prompts(tokenizer, held: np.ndarray, n: int, length: int) -> list[str]:
@@ -476,6 +590,15 @@ def train_heads(model_path: Union[str, Path], out: Union[str, Path], corpus: Uni
     rows = None
     if recipe.generate_tokens > 0:
         rows = _generations(model, state, train_stream, recipe, progress)
+    cache = None
+    if recipe.teacher_cache > 0:
+        rows = stream_rows(train_stream, recipe.seq_len) if rows is None else rows
+        need = TeacherCache.nbytes(rows, config["hidden_size"], config["vocab_size"], recipe.teacher_cache)
+        free = shutil.disk_usage(state.dir).free
+        if need > free and not (state.dir / f"teacher-top{recipe.teacher_cache}" / "meta.json").exists():
+            raise MLXMTPError(f"the teacher cache needs {need / 1e9:.1f} GB and {state.dir} has {free / 1e9:.1f} GB "
+                              "free; lower --teacher-cache, or pass 0 to compute targets on the fly")
+        cache = TeacherCache(state.dir, recipe.teacher_cache).open(model, rows, recipe.batch, progress)
     windows = Windows(train_stream, rows, recipe.seq_len, recipe.seed)
 
     opt = optim.AdamW(learning_rate=_schedule(recipe), betas=[0.9, 0.95], weight_decay=recipe.weight_decay)
@@ -490,9 +613,9 @@ def train_heads(model_path: Union[str, Path], out: Union[str, Path], corpus: Uni
     bar = _Bar(progress, recipe.steps, step)
     try:
         while step < recipe.steps:
-            tokens = windows.batch(step, recipe.batch)
-            hidden, logp = teacher(model, tokens)
-            loss, grads = grad_fn(hidden, tokens, logp)
+            tokens, idx = windows.batch(step, recipe.batch)
+            hidden, target = cache.batch(idx) if cache else teacher(model, tokens)
+            loss, grads = grad_fn(hidden, tokens, target)
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
             mx.eval(loss, model.trainable_parameters(), opt.state)

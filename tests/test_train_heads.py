@@ -165,3 +165,86 @@ def test_cli_trains_and_inspect_says_so(trunk, tmp_path):
     res = CliRunner().invoke(cli, ["inspect", str(out)])
     assert "trained by mlxmtp train-heads" in res.output
     shutil.rmtree(out)
+
+
+def test_cached_teacher_targets_equal_on_the_fly(trunk, tmp_path, monkeypatch):
+    """Teacher targets cached to disk with K = vocab (the full distribution) train exactly as on the fly: same losses
+    at every step, same heads. A second run reads the cache (no trunk forward for targets). With K < vocab the loss is
+    the KL over K + 1 bins, which a direct computation reproduces and which is at most the full KL."""
+    from mlxmtp import train_heads as th
+
+    V = mlxmtp.load_model(trunk).args.vocab_size
+    recipe = dict(TINY, steps=8, eval_every=100, generate_tokens=1000, eval_prompts=2)
+    fly = train_heads(trunk, tmp_path / "fly", random_text(3), Recipe(**recipe))
+    cached = train_heads(trunk, tmp_path / "cached", random_text(3), Recipe(**recipe, teacher_cache=V))
+    assert [s for s, _, _ in cached.log] == [s for s, _, _ in fly.log]
+    np.testing.assert_allclose([l for _, l, _ in cached.log], [l for _, l, _ in fly.log], rtol=1e-4)
+    a, b = mx.load(str(fly.out / "model.safetensors")), mx.load(str(cached.out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(mx.allclose(a[k], b[k], atol=1e-4).item() for k in a)
+    assert (tmp_path / "cached.train-heads" / f"teacher-top{V}" / "meta.json").exists()
+
+    def no_trunk(*_):
+        raise AssertionError("the teacher ran although its targets are cached")
+
+    monkeypatch.setattr(th, "teacher", no_trunk)
+    again = train_heads(trunk, tmp_path / "again", random_text(3), Recipe(**recipe, teacher_cache=V),
+                        work_dir=tmp_path / "cached.train-heads", force=True)
+    assert again.log[-1] == cached.log[-1]
+    monkeypatch.undo()
+
+    model, _ = attach_heads(trunk, 3, "last-layer", 0)
+    tokens = mx.array(np.random.default_rng(0).integers(1, V, (3, 20)).astype(np.int32))
+    hidden, logp = th.teacher(model, tokens)
+    full = th.heads_loss(model, hidden, tokens, logp)[1]
+    top = th.heads_loss(model, hidden, tokens, th.topk_targets(logp, 16))[1]
+    h, j = hidden, 0  # module 0 by hand: bins = the teacher's 16 most likely ids + the rest
+    _, logits = model.mtp_forward(j, h[:, :19], tokens[:, 1:20])
+    q = np.array(mx.softmax(logits.astype(mx.float32), axis=-1)).astype(np.float64)
+    p = np.exp(np.array(logp[:, 1:20])).astype(np.float64)
+    best = np.argsort(-p, axis=-1)[..., :16]
+    pk, qk = np.take_along_axis(p, best, -1), np.take_along_axis(q, best, -1)
+    pr, qr = 1 - pk.sum(-1), 1 - qk.sum(-1)
+    by_hand = ((pk * np.log(pk / qk)).sum(-1) + pr * np.log(pr / qr)).mean()
+    assert abs(top[0].item() - by_hand) < 1e-4 * max(1.0, by_hand)
+    assert all(t.item() <= f.item() + 1e-6 for t, f in zip(top, full)) and top[0].item() < full[0].item()
+
+
+def test_teacher_cache_disk_preflight(trunk, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(MLXMTPError, match="teacher cache needs"):
+        train_heads(trunk, tmp_path / "o", random_text(0), Recipe(**dict(TINY, steps=1, generate_tokens=0),
+                                                                  teacher_cache=8))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["sharded", "quantized"])
+def test_glm4_moe_trunk_sharded_and_quantized(tmp_path, quantized):
+    """GLM-4.5 layout: a sharded trunk (the heads go into their own shard, listed in the index) and a 4-bit trunk
+    converted by mlxmtp convert (trained only forward); both load with MTP and decode greedy == plain."""
+    from mlxmtp.convert import convert
+    from tests.tiny import glm4_moe
+
+    src = glm4_moe.make(tmp_path / "glm", mtp=False, shards=1 if quantized else 2)
+    if quantized:
+        src = convert(src, tmp_path / "q4", bits=4, group_size=32, mtp=False)
+    r = train_heads(src, tmp_path / "out", random_text(4), Recipe(**dict(TINY, steps=60, eval_every=60)))
+    model, tok = mlxmtp.load(r.out)
+    assert model.num_mtp_modules == 1 and model.load_report["model_type"] == "glm4_moe"
+    if quantized:
+        assert json.loads((r.out / "config.json").read_text())["quantization"]["bits"] == 4
+    else:
+        index = json.loads((r.out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert index["model.layers.3.eh_proj.weight"] == "model-mtp.safetensors"
+        assert sorted(set(index.values())) == sorted(f.name for f in r.out.glob("*.safetensors"))
+    from mlxmtp.train_heads import heldout_prompts, token_streams
+
+    untrained, _ = attach_heads(src, 1, "last-layer", 0)
+    texts = heldout_prompts(tok, token_streams(tok, random_text(4), 0.05)[1], 6, 16)
+    before, after = measure_acceptance(untrained, tok, texts, 24, 1)["acceptance"], r.heldout["k=1"]["acceptance"]
+    print(f"glm4_moe ({'4-bit' if quantized else 'sharded'}) held-out greedy acceptance at k=1: {before:.3f} "
+          f"untrained -> {after:.3f} after 60 steps")
+    print(f"  KL {r.log[0][1]:.4f} at step 1 -> {r.log[-1][1]:.4f}")
+    assert r.log[-1][1] < 0.6 * r.log[0][1] and after > 0.3 and after > before + 0.05
+    for text in random_text(5, n_docs=2, chars=60):
+        ids = list(tok.encode(text))
+        plain = generation.generate(model, tok, ids, max_tokens=16, draft_tokens=0).tokens
+        assert generation.generate(model, tok, ids, max_tokens=16, draft_tokens=1).tokens == plain

@@ -524,16 +524,37 @@ def train(args) -> None:
 
 
 def distill_head(trunk_dir: Path, out: Path, texts: list[str], args) -> None:
-    """Stage 2: the shipped MTP head is retrained on the frozen trunk by mlxmtp train-heads (KL to the trunk's own
+    """Stage 2: the MTP head is retrained on the frozen trunk by mlxmtp train-heads (KL to the trunk's own
     next-next-token distribution, on the trunk's own generations prompted from the training files), replacing the
-    head trained jointly with the trunk. Work files (cached generations, resumable state) go to --head-work."""
+    head trained jointly with the trunk: 2a on short rows (32 + 96 tokens) from the trunk's last layer, then 2b
+    (--long-steps) continues that head on rows as long as the held-out stdlib prompts plus their continuation (up
+    to ~490 tokens): a head trained on 128-token rows never saw rotary positions past 127 (training/README.md)."""
+    if not args.long_steps:
+        return distill_phase(trunk_dir, out, texts, args, "short")
+    mid = out.parent / f".{out.name}.stage2a-{os.getpid()}"
+    try:
+        distill_phase(trunk_dir, mid, texts, args, "short")
+        distill_phase(mid, out, texts, args, "long")
+    finally:
+        shutil.rmtree(mid, ignore_errors=True)
+
+
+def distill_phase(src: Path, out: Path, texts: list[str], args, phase: str) -> None:
+    """One train-heads run of stage 2 ("short": 2a, "long": 2b). Work files (cached generations, resumable state) go
+    to --head-work/<phase>."""
     from mlxmtp.train_heads import Recipe, train_heads
 
-    recipe = Recipe(modules=1, init="last-layer", steps=args.head_steps, batch=args.head_batch, seq_len=128,
-                    lr=args.head_lr, warmup=20, seed=args.seed, generate_tokens=args.head_gen_tokens,
-                    gen_prompt_tokens=32, gen_new_tokens=96, gen_temperature=args.head_gen_temperature,
-                    eval_every=100, save_every=50, dtype="bfloat16")
-    work = Path(args.head_work or Path(tempfile.gettempdir()) / f"mlxmtp-{out.name}.train-heads")  # not in the package
+    if phase == "short":
+        init, P, G, steps, batch, gen = "last-layer", 32, 96, args.head_steps, args.head_batch, args.head_gen_tokens
+    else:
+        init, P, G, steps, batch, gen = ("checkpoint", args.long_prompt_tokens, args.long_new_tokens, args.long_steps,
+                                         args.long_batch, args.long_gen_tokens)
+    recipe = Recipe(modules=1, init=init, steps=steps, batch=batch, seq_len=P + G, lr=args.head_lr, warmup=20,
+                    seed=args.seed, generate_tokens=gen, gen_prompt_tokens=P, gen_new_tokens=G,
+                    gen_temperature=args.head_gen_temperature, eval_prompt_tokens=min(P + 16, 384),
+                    eval_every=100 if phase == "short" else steps, save_every=50 if phase == "short" else 25,
+                    dtype="bfloat16")
+    work = Path(args.head_work or Path(tempfile.gettempdir()) / f"mlxmtp-{Path(args.out).name}.train-heads") / phase
     t0 = time.time()
 
     def on_step(step: int, loss: float) -> None:
@@ -541,11 +562,11 @@ def distill_head(trunk_dir: Path, out: Path, texts: list[str], args) -> None:
             print(f"head step {step} | {(time.time() - t0) / 60:.1f} min | KL {loss:.4f}", flush=True)
             if args.head_snapshots and step < recipe.steps:  # the state just saved: acceptance vs training time
                 Path(args.head_snapshots).mkdir(parents=True, exist_ok=True)
-                shutil.copy(work / "state.safetensors", Path(args.head_snapshots) / f"step{step}.safetensors")
+                shutil.copy(work / "state.safetensors", Path(args.head_snapshots) / f"{phase}-step{step}.safetensors")
 
-    r = train_heads(trunk_dir, out, texts, recipe, force=True, progress=sys.stderr.isatty(), work_dir=work,
+    r = train_heads(src, out, texts, recipe, force=True, progress=sys.stderr.isatty(), work_dir=work,
                     on_step=on_step)
-    print(f"head: {r.steps} steps in {(time.time() - t0) / 60:.1f} min (generations included); trainer's "
+    print(f"head ({phase}): {r.steps} steps in {(time.time() - t0) / 60:.1f} min (generations included); trainer's "
           f"held-out estimate {json.dumps(r.heldout)}", flush=True)
 
 
@@ -582,15 +603,28 @@ def main() -> None:
     ap.add_argument("--head-batch", type=int, default=16)
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--head-gen-tokens", type=int, default=100_000, help="trunk generations the head trains on")
+    ap.add_argument("--long-steps", type=int, default=100, help="stage 2b steps (0: ship the stage 2a head)")
+    ap.add_argument("--long-batch", type=int, default=4)
+    ap.add_argument("--long-gen-tokens", type=int, default=0,
+                    help="stage 2b: trunk generations (tokens); 0: windows of the training files themselves")
+    ap.add_argument("--long-prompt-tokens", type=int, default=384, help="stage 2b: corpus tokens before each")
+    ap.add_argument("--long-new-tokens", type=int, default=128, help="stage 2b: tokens generated per row")
     ap.add_argument("--head-gen-temperature", type=float, default=0.5)
     ap.add_argument("--head-work", default=None, help="train-heads work dir (default: in the temp dir)")
     ap.add_argument("--head-snapshots", default=None, metavar="DIR",
                     help="keep a copy of the head's state every 50 steps here (acceptance vs training time)")
     ap.add_argument("--heads-from", default=None, metavar="DIR",
                     help="skip stage 1: distill a new head onto the trunk in DIR (a checkpoint this script wrote)")
+    ap.add_argument("--long-from", default=None, metavar="DIR",
+                    help="stage 2b alone: continue the stage-2a head of DIR (e.g. the demo of commit 82b23c1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.eval_only:
+        run_eval(Path(args.out).resolve(), args)
+    elif args.long_from:
+        root, train_files, _ = collect_corpus(args.stdlib)
+        distill_phase(Path(args.long_from), Path(args.out).resolve(), [read_text(root / f) for f in train_files],
+                      args, "long")
         run_eval(Path(args.out).resolve(), args)
     elif args.heads_from:
         root, train_files, _ = collect_corpus(args.stdlib)
