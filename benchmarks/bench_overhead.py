@@ -94,9 +94,11 @@ def pass_costs(model, prompt: list, max_k: int, repeats: int) -> dict:
             "draft": median_time(draft, repeats)}
 
 
-def measure_rounds(model, prompt, settings: dict, k, rounds, warmup=3) -> dict:
-    """Median round time, syncs and host bytes per round of each setting at draft depth k, the settings' generators
-    stepped in turn (one round each) so that the load on a shared machine falls on all of them alike."""
+def measure_rounds(model, prompt, settings: dict, k, rounds, warmup=3, blocks=2) -> dict:
+    """Median round time, syncs and host bytes per round of each setting at draft depth k. The settings take turns
+    in blocks of rounds, so that the load on a shared machine falls on all of them alike; before each block the
+    device is drained (untimed) and the block's first round dropped, so that a pipelined setting's queued pass
+    neither runs during another setting's block nor hides in this one's first round."""
     runs = {}
     for name, params in settings.items():
         st = speculative.RoundStats()
@@ -104,11 +106,16 @@ def measure_rounds(model, prompt, settings: dict, k, rounds, warmup=3) -> dict:
         for _ in range(1 + warmup):  # the prefill, then warm-up rounds
             next(gen)
         runs[name] = (st, gen, (st.target_forwards, st.syncs, st.host_bytes), [])
-    for _ in range(rounds):
+    per_block = -(-rounds // blocks)
+    for _ in range(blocks):
         for st, gen, _, times in runs.values():
-            t0 = time.perf_counter()
-            next(gen)
-            times.append(time.perf_counter() - t0)
+            mx.synchronize()
+            next(gen)  # dropped: it may read a pass queued before the drain
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                next(gen)
+                times.append(time.perf_counter() - t0)
+            mx.synchronize()
     out = {}
     for name, (st, gen, (f0, s0, b0), times) in runs.items():
         gen.close()
