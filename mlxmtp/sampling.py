@@ -20,7 +20,9 @@ Exact top-p without sorting the nucleus: the nucleus is every id whose probabili
 n-th largest probability, n = min{n : top-n mass >= top_p}) plus the first of the ids tied at tau, lower ids first
 (the reference's stable sort). numpy finds tau by a mass-weighted quickselect (np.partition on a shrinking working
 set, float64 sums, O(V) expected); the mlx backend tries the CANDIDATES largest logits first (ordered pairwise) and
-otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host synchronisation).
+otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host synchronisation). Residual
+tolerance: weights are float32 (numpy sums them in float64, the device in float32 blocks), so an id whose mass
+before it lies within ~1e-5 of top_p may fall on the other side of the cut (tests/test_sampling.py near_the_cut).
 """
 
 from __future__ import annotations
