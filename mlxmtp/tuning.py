@@ -128,58 +128,62 @@ def save_learned(key: str, learned: dict) -> None:
 class DepthPolicy:
     """Per-round choice of k (see the module docstring).
 
-    Round times: this generation's last RECENT rounds of each k, by their median (so one stalled round, another
-    process or a page fault, moves nothing). A k not timed yet in this generation is estimated from a timed one
-    (plain if timed) through ratio(k) / ratio(j). ratio(k) follows this generation's median(k) / median(plain)
-    (a running mean over the last ``window`` rounds). Acceptance: per depth, counts decayed over ``window_acc``
-    drafts, with a prior of ``prior`` worth ``prior_weight`` drafts. ``learned`` (from ``learned()``, e.g. via
-    load_learned) replaces the priors.
+    Round times: a round with k > 0 drafts taking s seconds is a sample s / (median of the last RECENT plain
+    rounds) of ratio(k); ratio(k) is the median of its last RECENT samples (the cost curve's value until the first),
+    so one stalled round (another process, a page fault) moves nothing. Probes go to the depth unseen longest,
+    whenever what probes have cost so far (each charged after it ran: the tokens the best depth would have made in
+    its time, minus its own) plus the next one's expected cost (at most one token) is within ``budget`` of the
+    tokens generated. Acceptance: per depth, counts decayed
+    over ``window_acc`` drafts, with a prior of ``prior`` worth ``prior_weight`` drafts. ``learned`` (from
+    ``learned()``, e.g. via load_learned) replaces the priors.
     """
 
     RECENT = 9
 
     def __init__(self, costs: dict, max_depth: Optional[int] = None, *, prior: float = 0.7, prior_weight: float = 4.0,
-                 budget: float = 0.01, window: int = 32, window_acc: int = 256, learned: Optional[dict] = None):
+                 budget: float = 0.01, window_acc: int = 256, learned: Optional[dict] = None):
         verify = costs["verify"]
         self.max_depth = min(max_depth or len(verify) - 1, len(verify) - 1)
         K = self.max_depth
-        self.ratio = [verify[k] / verify[0] + k * costs.get("draft", 0.0) for k in range(K + 1)]
-        self.weight = [0.0] * (K + 1)  # updates behind ratio[k] (capped at window)
+        self.curve = [verify[k] / verify[0] + k * costs.get("draft", 0.0) for k in range(K + 1)]
+        self.samples: list = [[] for _ in range(K + 1)]  # ratio samples per k (none for k = 0: ratio 1)
+        self.ratio = list(self.curve)
+        self.ratio[0] = 1.0
         self.accepted = [prior * prior_weight] * K
         self.tried = [prior_weight] * K
-        self.budget, self.window, self.decay = budget, window, 1 - 1 / window_acc
+        self.budget, self.decay = budget, 1 - 1 / window_acc
+        self.plain: list = []  # seconds of the last plain rounds
         self.tokens = 0  # tokens generated under this policy, and what its probes cost in tokens
         self.probe_cost = 0.0
-        self.last_round = [0] * (K + 1)  # the round each k last ran (a probe goes to the longest unseen)
+        self.last_round = [0] * (K + 1)  # the round each k last ran
         self.round = 0
         self.last_k = 0
+        self.pending: list = []  # (probe?, best rate) of the rounds chosen and not observed yet, oldest first
         if learned:
             self._load(learned)
-        self.start()
 
     def _load(self, learned: dict) -> None:
         K = self.max_depth
         try:
-            ratio, weight = [float(x) for x in learned["ratio"]], [float(x) for x in learned["weight"]]
+            samples = [[float(x) for x in row] for row in learned["samples"]]
             accepted, tried = [float(x) for x in learned["accepted"]], [float(x) for x in learned["tried"]]
         except (KeyError, TypeError, ValueError):
             return
-        ok = len(ratio) == len(weight) == K + 1 and len(accepted) == len(tried) == K
-        if not ok or not all(r > 0 for r in ratio) or not all(0 <= a <= t for a, t in zip(accepted, tried)):
+        if len(samples) != K + 1 or len(accepted) != K or len(tried) != K:
             return
-        for k in range(K + 1):
-            if weight[k] > 0:
-                self.ratio[k], self.weight[k] = ratio[k], min(weight[k], self.window)
+        if not all(0 < x < float("inf") for row in samples for x in row) or samples[0]:
+            return
+        if not all(0 <= a <= t for a, t in zip(accepted, tried)):
+            return
+        self.samples = [row[-self.RECENT :] for row in samples]
         self.accepted, self.tried = accepted, tried
+        for k in range(1, K + 1):
+            if self.samples[k]:
+                self.ratio[k] = _median(self.samples[k])
 
     def learned(self) -> dict:
-        return {"ratio": list(self.ratio), "weight": list(self.weight), "accepted": list(self.accepted),
+        return {"samples": [list(row) for row in self.samples], "accepted": list(self.accepted),
                 "tried": list(self.tried)}
-
-    def start(self) -> None:
-        """A new generation: round times are timed afresh (another prompt, another context length)."""
-        self.recent = [[] for _ in range(self.max_depth + 1)]
-        self.median: list = [None] * (self.max_depth + 1)
 
     def expected_tokens(self, k: int) -> float:
         tokens, run = 1.0, 1.0
@@ -188,33 +192,29 @@ class DepthPolicy:
             tokens += run
         return tokens
 
-    def round_time(self, k: int) -> float:
-        """Estimated seconds of a round with k drafts (units of a plain round before any round was timed)."""
-        if self.median[k] is not None:
-            return self.median[k]
-        timed = [j for j in range(self.max_depth + 1) if self.median[j] is not None]
-        if not timed:
-            return self.ratio[k]
-        j = 0 if self.median[0] is not None else max(timed, key=lambda j: len(self.recent[j]))
-        return self.median[j] * self.ratio[k] / self.ratio[j]
-
     def expected_rate(self, k: int) -> float:
-        return self.expected_tokens(k) / self.round_time(k)
+        """Expected tokens per plain round's time with k drafts."""
+        return self.expected_tokens(k) / self.ratio[k]
 
     def choose(self) -> int:
         rates = [self.expected_rate(k) for k in range(self.max_depth + 1)]
-        best = max(range(len(rates)), key=rates.__getitem__)
-        self.round += 1
-        others = [k for k in range(len(rates)) if k != best]
-        if others:
-            probe = min(others, key=self.last_round.__getitem__)
-            cost = max(0.0, rates[best] * self.round_time(probe) - self.expected_tokens(probe))
+        k = max(range(len(rates)), key=rates.__getitem__)
+        probe = False
+        if self.max_depth:
+            j = min((j for j in range(len(rates)) if j != k), key=self.last_round.__getitem__)
+            # its expected cost, at most one token (an estimate off after a stall must not stop the probing)
+            cost = min(1.0, max(0.0, rates[k] * self.ratio[j] - self.expected_tokens(j)))
             if self.probe_cost + cost <= self.budget * self.tokens:
-                self.probe_cost += cost
-                best = probe
-        self.last_round[best] = self.round
-        self.last_k = best
-        return best
+                k, probe = j, True
+        self.round += 1
+        self.last_round[k] = self.round
+        self.pending.append((probe, max(rates)))
+        self.last_k = k
+        return k
+
+    def start(self) -> None:
+        """A new generation: rounds chosen but never run (the last one queued when a generation stopped) drop out."""
+        self.pending = []
 
     def observe(self, k: int, drafted: int, accepted: int, seconds: float) -> None:
         """A round that asked for k drafts, drafted ``drafted``, had ``accepted`` of them accepted, took ``seconds``."""
@@ -222,13 +222,15 @@ class DepthPolicy:
         for d in range(drafted):
             self.tried[d] = self.tried[d] * self.decay + 1
             self.accepted[d] = self.accepted[d] * self.decay + (d < accepted)
-        recent = self.recent[k]
-        recent.append(seconds)
-        if len(recent) > self.RECENT:
-            recent.pop(0)
-        self.median[k] = _median(recent)
-        if self.median[0] is not None:  # every timed depth's ratio moves toward this generation's
-            for j in range(1, self.max_depth + 1):
-                if self.median[j] is not None:
-                    self.weight[j] = min(self.weight[j] + 1, self.window)
-                    self.ratio[j] += (self.median[j] / self.median[0] - self.ratio[j]) / self.weight[j]
+        if k == 0:
+            self.plain = (self.plain + [seconds])[-self.RECENT :]
+            ratio = 1.0
+        elif self.plain:
+            ratio = seconds / _median(self.plain)
+            self.samples[k] = (self.samples[k] + [ratio])[-self.RECENT :]
+            self.ratio[k] = _median(self.samples[k])
+        else:
+            ratio = self.ratio[k]
+        probe, best_rate = self.pending.pop(0) if self.pending else (False, 0.0)
+        if probe:  # the tokens the best depth would have made in this round's time, minus its own
+            self.probe_cost += max(0.0, best_rate * ratio - (accepted + 1))

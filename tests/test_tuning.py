@@ -44,7 +44,7 @@ def test_plain_wins_and_probing_stays_within_budget():
         return plain * (1 + k)  # E(k) < 1 + k for acceptance < 1: plain wins at every depth
 
     ks, tokens, seconds = run_rounds(policy, 2000, accept=1, seconds_for=seconds_for)
-    assert ks[-200:].count(0) >= 196
+    assert ks[-200:].count(0) >= 195
     assert any(k > 0 for k in ks[100:])  # it keeps probing
     assert tokens / seconds >= (1 - 0.012) / plain
 
@@ -83,8 +83,10 @@ def test_learned_state_starts_the_next_policy_on_the_right_depth():
     assert fresh.choose() > 0  # the curve alone would draft
     second = DepthPolicy(FLAT, 4, learned=json.loads(json.dumps(first.learned())))
     assert second.choose() == 0
-    for bad in ({"ratio": [1.0] * 3}, {**first.learned(), "ratio": [1.0, -1.0, 2.0, 2.0, 2.0]},
-                {**first.learned(), "accepted": ["x"] * 4}, {"ratio": None}):
+    good = first.learned()
+    for bad in ({"samples": [[]] * 3}, {**good, "samples": [[], [-1.0], [], [], []]}, {**good, "samples": None},
+                {**good, "samples": [[1.0], [], [], [], []]}, {**good, "accepted": ["x"] * 4},
+                {**good, "accepted": [9.0, 0, 0, 0], "tried": [1.0, 1, 1, 1]}, {"tried": None}):
         assert DepthPolicy(FLAT, 4, learned=bad).learned() == DepthPolicy(FLAT, 4).learned()
 
 
@@ -102,12 +104,12 @@ def test_generation_persists_what_auto_learned(cache_dir, tokenizer_dir):
 
     tok = load_tokenizer(tokenizer_dir)
     model = ToyModel(vocab=32, num_mtp=1, seed=9)
-    generation.generate(model, tok, [1, 2, 3, 4], max_tokens=40, draft_tokens="auto")
+    generation.generate(model, tok, [1, 2, 3, 4], max_tokens=300, draft_tokens="auto")
     stored = json.loads((cache_dir / "policy.json").read_text())
     key = tuning.policy_key(model, SamplingParams())
     assert set(stored) == {key}
     learned = generation._POLICIES[(id(model), SamplingParams())].learned()
-    assert stored[key] == learned and sum(learned["weight"]) > 0  # observed round times, not the prior
+    assert stored[key] == learned and any(learned["samples"])  # observed round times, not the prior
     generation._POLICIES.clear()
     policy = generation._shared_policy(model, SamplingParams())
     assert policy.learned() == learned
