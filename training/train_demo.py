@@ -527,21 +527,32 @@ def distill_head(trunk_dir: Path, out: Path, texts: list[str], args) -> None:
     """Stage 2: the MTP head is retrained on the frozen trunk by mlxmtp train-heads (KL to the trunk's own
     next-next-token distribution, on the trunk's own generations prompted from the training files), replacing the
     head trained jointly with the trunk: 2a on short rows (32 + 96 tokens) from the trunk's last layer, then 2b
-    (--long-steps) continues that head on rows as long as the held-out stdlib prompts plus their continuation (up
-    to ~490 tokens): a head trained on 128-token rows never saw rotary positions past 127 (training/README.md)."""
+    (--long-steps, --long-rounds) continues that head on rows as long as the held-out stdlib prompts plus their
+    continuation (up to ~490 tokens): a head trained on 128-token rows never saw rotary positions past 127
+    (training/README.md)."""
     if not args.long_steps:
         return distill_phase(trunk_dir, out, texts, args, "short")
     mid = out.parent / f".{out.name}.stage2a-{os.getpid()}"
     try:
         distill_phase(trunk_dir, mid, texts, args, "short")
-        distill_phase(mid, out, texts, args, "long")
+        long_rounds(mid, out, texts, args)
     finally:
         shutil.rmtree(mid, ignore_errors=True)
 
 
-def distill_phase(src: Path, out: Path, texts: list[str], args, phase: str) -> None:
-    """One train-heads run of stage 2 ("short": 2a, "long": 2b). Work files (cached generations, resumable state) go
-    to --head-work/<phase>."""
+def long_rounds(src: Path, out: Path, texts: list[str], args) -> None:
+    """Stage 2b: --long-rounds train-heads runs, each continuing the previous head (fresh windows: seed + round)."""
+    for r in range(args.long_rounds):
+        dst = out if r == args.long_rounds - 1 else out.parent / f".{out.name}.stage2b-{r}-{os.getpid()}"
+        distill_phase(src, dst, texts, args, "long", r)
+        if r:
+            shutil.rmtree(src, ignore_errors=True)
+        src = dst
+
+
+def distill_phase(src: Path, out: Path, texts: list[str], args, phase: str, round: int = 0) -> None:
+    """One train-heads run of stage 2 ("short": 2a, "long": 2b round `round`). Work files (cached generations,
+    resumable state) go to --head-work/<phase><round>."""
     from mlxmtp.train_heads import Recipe, train_heads
 
     if phase == "short":
@@ -550,11 +561,11 @@ def distill_phase(src: Path, out: Path, texts: list[str], args, phase: str) -> N
         init, P, G, steps, batch, gen = ("checkpoint", args.long_prompt_tokens, args.long_new_tokens, args.long_steps,
                                          args.long_batch, args.long_gen_tokens)
     recipe = Recipe(modules=1, init=init, steps=steps, batch=batch, seq_len=P + G, lr=args.head_lr, warmup=20,
-                    seed=args.seed, generate_tokens=gen, gen_prompt_tokens=P, gen_new_tokens=G,
+                    seed=args.seed + round, generate_tokens=gen, gen_prompt_tokens=P, gen_new_tokens=G,
                     gen_temperature=args.head_gen_temperature, eval_prompt_tokens=min(P + 16, 384),
                     eval_every=100 if phase == "short" else steps, save_every=50 if phase == "short" else 25,
                     dtype="bfloat16")
-    work = Path(args.head_work or Path(tempfile.gettempdir()) / f"mlxmtp-{Path(args.out).name}.train-heads") / phase
+    work = Path(args.head_work or Path(tempfile.gettempdir()) / f"mlxmtp-{Path(args.out).name}.train-heads") / f"{phase}{round or ''}"
     t0 = time.time()
 
     def on_step(step: int, loss: float) -> None:
@@ -562,11 +573,11 @@ def distill_phase(src: Path, out: Path, texts: list[str], args, phase: str) -> N
             print(f"head step {step} | {(time.time() - t0) / 60:.1f} min | KL {loss:.4f}", flush=True)
             if args.head_snapshots and step < recipe.steps:  # the state just saved: acceptance vs training time
                 Path(args.head_snapshots).mkdir(parents=True, exist_ok=True)
-                shutil.copy(work / "state.safetensors", Path(args.head_snapshots) / f"{phase}-step{step}.safetensors")
+                shutil.copy(work / "state.safetensors", Path(args.head_snapshots) / f"{phase}{round or ''}-step{step}.safetensors")
 
     r = train_heads(src, out, texts, recipe, force=True, progress=sys.stderr.isatty(), work_dir=work,
                     on_step=on_step)
-    print(f"head ({phase}): {r.steps} steps in {(time.time() - t0) / 60:.1f} min (generations included); trainer's "
+    print(f"head ({phase}{round or ''}): {r.steps} steps in {(time.time() - t0) / 60:.1f} min (generations included); trainer's "
           f"held-out estimate {json.dumps(r.heldout)}", flush=True)
 
 
@@ -604,6 +615,7 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--head-gen-tokens", type=int, default=100_000, help="trunk generations the head trains on")
     ap.add_argument("--long-steps", type=int, default=100, help="stage 2b steps (0: ship the stage 2a head)")
+    ap.add_argument("--long-rounds", type=int, default=2, help="stage 2b runs, each continuing the last")
     ap.add_argument("--long-batch", type=int, default=4)
     ap.add_argument("--long-gen-tokens", type=int, default=0,
                     help="stage 2b: trunk generations (tokens); 0: windows of the training files themselves")
@@ -623,8 +635,7 @@ def main() -> None:
         run_eval(Path(args.out).resolve(), args)
     elif args.long_from:
         root, train_files, _ = collect_corpus(args.stdlib)
-        distill_phase(Path(args.long_from), Path(args.out).resolve(), [read_text(root / f) for f in train_files],
-                      args, "long")
+        long_rounds(Path(args.long_from), Path(args.out).resolve(), [read_text(root / f) for f in train_files], args)
         run_eval(Path(args.out).resolve(), args)
     elif args.heads_from:
         root, train_files, _ = collect_corpus(args.stdlib)
