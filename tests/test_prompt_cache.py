@@ -105,10 +105,15 @@ def test_lru_and_memory_bound():
     # a branch before a state's end decodes on a copy, leaving the state for its own conversation
     _, reused, branch = turn(model, cache, [1, 1, 2, 4], 1, seed=0)
     assert 0 < reused < states[1].n_cached and branch is not states[1] and states[1] in cache.states
-    one = state_nbytes(cache.states[-1])
+    # the byte bound: a state one byte over it is not kept, one that fits is (the state of [0, 1, 2, 3] is
+    # states[0]'s: same prompt, seed and settings)
+    one = state_nbytes(states[0])
     small = PromptCache(model, max_states=4, max_bytes=one - 1)
     turn(model, small, [0, 1, 2, 3], 1, seed=0)
     assert len(small) == 0 and small.nbytes == 0
+    fits = PromptCache(model, max_states=4, max_bytes=one)
+    turn(model, fits, [0, 1, 2, 3], 1, seed=0)
+    assert len(fits) == 1 and fits.nbytes == one
     with pytest.raises(ValueError):
         PromptCache(model, max_states=-1)
 
