@@ -272,3 +272,11 @@ def test_ctrl_c_mid_generation(ckpt, monkeypatch):
     assert r.exit_code == 130 and r.stderr.strip() == "interrupted"
     assert json.loads(r.stdout) == {"text": "partial", "tokens": [1], "stats": GenerationStats().to_dict(),
                                     "finish_reason": "interrupted"}
+
+
+def test_seed_with_auto_says_it_does_not_pin_the_draws(ckpt):
+    r = run("generate", ckpt, "-p", "hello", "--max-tokens", 4, "--temp", 0.8, "--seed", 1)
+    assert r.exit_code == 0, r.output
+    assert "--seed repeats a sample exactly only with a fixed --draft-tokens" in r.stderr
+    fixed = run("generate", ckpt, "-p", "hello", "--max-tokens", 4, "--temp", 0.8, "--seed", 1, "--draft-tokens", 2)
+    assert fixed.exit_code == 0 and "--seed repeats" not in fixed.stderr

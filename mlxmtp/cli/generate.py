@@ -183,6 +183,9 @@ def command(model, prompt, max_tokens, temp, top_p, top_k, seed, draft_tokens, n
     path, m, tokenizer = load_checked(model, force_load, mtp=not no_mtp)
     if click.get_current_context().get_parameter_source("draft_tokens") != click.core.ParameterSource.DEFAULT:
         note_plain_decoding(path, m, draft_tokens, no_mtp)
+    if seed is not None and temp > 0 and draft_tokens == "auto" and m.num_mtp_modules:
+        click.echo("note: --seed repeats a sample exactly only with a fixed --draft-tokens; auto's depths follow "
+                   "this machine's round times (same distribution, other draws)", err=True)
     text, tokens, stats, finish = [], [], None, None
     try:
         for inc in stream_generate(m, tokenizer, prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p,
