@@ -134,7 +134,8 @@ def test_plan_layout():
 
 
 def test_choose_path_per_device(monkeypatch):
-    """auto: CPU float experts take the union for 1..16 tokens, quantized stay stock; a GPU takes the kernel where
+    """auto: CPU float experts take the union for 2..16 tokens (1 too when they exceed the cache-size bound),
+    quantized stay stock; a GPU takes the kernel where
     it passed its self-check, else the sync-free sorted path, for 2..16 tokens; prefill is stock everywhere."""
     monkeypatch.setattr(moe_dispatch, "_mode", "auto")
     glu, qglu = SwitchGLU(64, 32, 8), SwitchGLU(64, 32, 8)
@@ -144,7 +145,9 @@ def test_choose_path_per_device(monkeypatch):
     def paths(g, **kw):
         return [moe_dispatch.choose_path(g, m, **kw) for m in sizes]
 
-    assert paths(glu, gpu=False) == ["union", "union", "union", "stock", "stock"]
+    assert paths(glu, gpu=False) == ["stock", "union", "union", "stock", "stock"]  # cache-sized experts: 1 token stock
+    big = SwitchGLU(1024, 1024, 2)  # 4 MiB per expert projection: one token takes the union path
+    assert paths(big, gpu=False) == ["union", "union", "union", "stock", "stock"]
     assert paths(qglu, gpu=False) == ["stock"] * 5
     assert paths(qglu, gpu=True, kernel_ok=lambda: False) == ["stock", "sorted", "sorted", "stock", "stock"]
     assert paths(qglu, gpu=True, kernel_ok=lambda: True) == ["stock", "kernel", "kernel", "stock", "stock"]

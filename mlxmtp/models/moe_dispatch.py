@@ -19,8 +19,8 @@ Three implementations of the union path:
 
 Mode (``MLXMTP_MOE_DISPATCH`` or `dispatch_mode`), decided per call by `choose_path`:
 - "auto": above UNION_MAX_TOKENS (prefill) the stock path. On the CPU back end, float experts take the reference
-  union path for 1..16 tokens (one token included: the same k experts, read in the faster orientation; the host
-  sync costs well under 1% of a layer there) and quantized experts the stock path (CPU quantized matmul is
+  union path for 2..16 tokens, and for one token when an expert's projection exceeds UNION_CPU_ONE_TOKEN_BYTES
+  (the same k experts, read in the faster orientation; the host sync costs well under 1% of such a layer) and quantized experts the stock path (CPU quantized matmul is
   compute-bound, its cost grows with rows, so the padded union block only adds work: linux-cpu.md, `mlxmtp
   doctor`). On a GPU, 2..16 tokens take the kernel where its self-check passed, else the sorted path (a host sync
   per layer would stall MLX's lazy pipelining there); one token the stock path (the union is the same k experts).
@@ -38,6 +38,10 @@ import mlx.core as mx
 import numpy as np
 
 MODES = ("auto", "union", "sorted", "stock")
+# CPU, one token: the union path wins only by reading an expert in the faster orientation, which pays for its host
+# sync when the expert's weights come from memory; experts that stay in the CPU's caches (the demo's 96 KB) decode
+# faster on the stock path (paired, demo model: 95 vs 67 tok/s plain).
+UNION_CPU_ONE_TOKEN_BYTES = 1 << 20
 UNION_MAX_TOKENS = 16  # the small-batch range of the issue (#10); above it gather_qmm's sorted path shares weights
 
 _mode = os.environ.get("MLXMTP_MOE_DISPATCH", "auto")
@@ -69,6 +73,12 @@ def dispatch_mode(mode: str):
         _mode = old
 
 
+def _expert_bytes(glu) -> int:
+    """Bytes of one expert's gate projection."""
+    w = glu.gate_proj.weight
+    return w.nbytes // w.shape[0]
+
+
 def choose_path(glu, n_tokens: int, kernel_ok=None, gpu: bool | None = None) -> str:
     """Which path a SwitchGLU call of n_tokens takes: "kernel", "union", "sorted" or "stock" (module docstring).
     kernel_ok() says whether the Metal kernel may run for this layer (it runs the self-check the first time); gpu:
@@ -80,7 +90,9 @@ def choose_path(glu, n_tokens: int, kernel_ok=None, gpu: bool | None = None) -> 
     if mode == "auto" and (n_tokens > UNION_MAX_TOKENS or (gpu and n_tokens < 2)):
         return "stock"
     if mode == "auto" and not gpu:
-        return "stock" if "scales" in glu.gate_proj else "union"
+        if "scales" in glu.gate_proj or (n_tokens < 2 and _expert_bytes(glu) < UNION_CPU_ONE_TOKEN_BYTES):
+            return "stock"
+        return "union"
     if kernel_ok is not None and kernel_ok():
         return "kernel"
     return "union" if mode == "union" else "sorted"
