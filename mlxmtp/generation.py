@@ -128,7 +128,8 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
 
     draft_tokens: "auto" (depth chosen per round from measured costs and acceptance), or k >= 0 (0 = plain decoding
     through the same code path). A seeded sample repeats exactly for a fixed k; under auto, whose choices follow
-    round times, it has the same distribution but not the same draws. mtp=False is plain decoding. The last increment has ``finish_reason`` set.
+    round times, it has the same distribution but not the same draws. mtp=False is plain decoding. The last
+    increment has ``finish_reason`` set.
     state: continue from this DecodeState (trimmed to the prompt: speculative.DecodeState.trim) and leave it
     updated; only the prompt tokens it does not hold are prefilled.
     """

@@ -99,9 +99,9 @@ def test_rollback_every_position_toy():
     check_rollback_every_position(ToyModel(vocab=32, num_mtp=0, seed=3), 32, [1, 2, 3, 4, 5])
 
 
-def test_draft_logits_match_full_recompute():
-    """At k = 1 every MTP call ends on a committed row: its logits equal the module run from scratch over the
-    final sequence (checks that the MTP cache is extended over exactly the accepted positions)."""
+def check_mtp_calls_match_full_recompute(generate, min_calls: int) -> None:
+    """Every MTP call made while ``generate(model, prompt)`` decodes ends on a committed row: its logits must equal
+    module 0 run from scratch over the final sequence."""
     model = ToyModel(vocab=32, num_mtp=1, seed=4)
     seen = []
     orig = model.mtp_forward
@@ -113,13 +113,19 @@ def test_draft_logits_match_full_recompute():
 
     model.mtp_forward = spy
     prompt = [3, 1, 4, 1, 5]
-    toks = list(prompt) + take(decode(model, prompt, GREEDY, draft_tokens=1), 30)
+    toks = list(prompt) + generate(model, prompt)
     del model.mtp_forward
     pre, post = model.trunk(mx.array([toks]))
     _, ref = model.mtp_forward(0, model.select_hidden(pre, post)[:, :-1], mx.array([toks[1:]]))
-    assert len(seen) >= 15
+    assert len(seen) >= min_calls
     for off, logits in seen:
         np.testing.assert_allclose(np.array(logits), np.array(ref[0, off - 1]), atol=1e-5)
+
+
+def test_draft_logits_match_full_recompute():
+    """At k = 1 every MTP call ends on a committed row (checks that the MTP cache is extended over exactly the
+    accepted positions)."""
+    check_mtp_calls_match_full_recompute(lambda m, p: take(decode(m, p, GREEDY, draft_tokens=1), 30), 15)
 
 
 def exact_joint(model, prompt, params, n=3):
@@ -339,28 +345,12 @@ def test_plain_rounds_inside_mtp_keep_drafts_aligned(num_mtp, monkeypatch):
 
 
 def test_plain_rounds_inside_mtp_hand_the_drafter_the_right_hidden_states(monkeypatch):
-    """k in {0, 1}: every MTP call (drafts and folds) ends on a committed row, whose logits must equal the module
-    run from scratch over the final sequence (the hidden states of pipelined plain rounds reach it exactly)."""
+    """k in {0, 1}: every MTP call (drafts and folds) ends on a committed row (the hidden states of pipelined plain
+    rounds reach the drafter exactly)."""
     monkeypatch.setattr(spec, "FOLD_ROWS", 3)
-    model = ToyModel(vocab=32, num_mtp=1, seed=4)
-    seen = []
-    orig = model.mtp_forward
-
-    def spy(j, hidden, tokens, cache=None):
-        out, logits = orig(j, hidden, tokens, cache)
-        seen.append((cache.offset, logits[0, -1]))
-        return out, logits
-
-    model.mtp_forward = spy
-    prompt = [3, 1, 4, 1, 5]
-    toks = list(prompt) + take(decode(model, prompt, GREEDY, draft_tokens="auto",
-                                      policy=ForcedDepths((0, 0, 0, 0, 0, 1, 0, 1, 1))), 40)
-    del model.mtp_forward
-    pre, post = model.trunk(mx.array([toks]))
-    _, ref = model.mtp_forward(0, model.select_hidden(pre, post)[:, :-1], mx.array([toks[1:]]))
-    assert len(seen) >= 10
-    for off, logits in seen:
-        np.testing.assert_allclose(np.array(logits), np.array(ref[0, off - 1]), atol=1e-5)
+    depths = ForcedDepths((0, 0, 0, 0, 0, 1, 0, 1, 1))
+    check_mtp_calls_match_full_recompute(
+        lambda m, p: take(decode(m, p, GREEDY, draft_tokens="auto", policy=depths), 40), 10)
 
 
 def test_fold_keeps_pending_rows_bounded(monkeypatch):
