@@ -579,6 +579,18 @@ def distill_phase(src: Path, out: Path, texts: list[str], args, phase: str, roun
                     on_step=on_step)
     print(f"head ({phase}{round or ''}): {r.steps} steps in {(time.time() - t0) / 60:.1f} min (generations included); trainer's "
           f"held-out estimate {json.dumps(r.heldout)}", flush=True)
+    if init == "checkpoint":
+        record_chain(src, out)
+
+
+def record_chain(src: Path, out: Path) -> None:
+    """config.json's mtp_heads.chain in OUT: the train-heads runs the head of SRC came from (its own chain, then SRC's
+    run), oldest first, so that the recipe of every round is on record and not only the last run's."""
+    prev = json.loads((src / "config.json").read_text())["mlxmtp"]["mtp_heads"]
+    chain = prev.pop("chain", []) + [prev]
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["mlxmtp"]["mtp_heads"]["chain"] = chain
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def main() -> None:
