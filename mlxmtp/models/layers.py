@@ -9,8 +9,9 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models import switch_layers
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.rope_utils import initialize_rope
 
 from . import moe_dispatch
 
@@ -133,7 +134,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class SwitchLinear(switch_layers.SwitchLinear):
@@ -163,6 +164,9 @@ class SwitchGLU(switch_layers.SwitchGLU):
         return moe_dispatch.switch_glu(self, x, indices, super().__call__)
 
 
+# The routers are compiled (as mlx-lm's group_expert_select is): a dozen small ops per MoE layer and token fuse into
+# a few kernels, about 7% of a decode step on the demo model (MLX CPU). Ints and floats are compile-time constants.
+@mx.compile
 def softmax_topk(gate_logits: mx.array, top_k: int, norm_topk_prob: bool):
     """Softmax routing (Qwen MoE): the top-k experts by probability, optionally renormalised."""
     probs = mx.softmax(gate_logits.astype(mx.float32), axis=-1)
@@ -173,6 +177,7 @@ def softmax_topk(gate_logits: mx.array, top_k: int, norm_topk_prob: bool):
     return inds, scores
 
 
+@mx.compile
 def sigmoid_group_topk(gate_logits: mx.array, bias: mx.array, top_k: int, n_group: int, topk_group: int,
                        routed_scaling_factor: float, norm_topk_prob: bool):
     """DeepSeek-V3 "noaux_tc" routing (arXiv 2412.19437 sec. 2.1.2): sigmoid affinities; the bias-corrected scores
