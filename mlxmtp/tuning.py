@@ -11,6 +11,12 @@ per model, machine and sampling settings in ~/.cache/mlxmtp/policy.json, so the 
 or the next, starts on the depth that paid instead of re-learning it. The other depths are probed now and then,
 within a budget: a probe costs the tokens the best depth would have made in its time, and probes may cost at most
 ``budget`` (1%) of the tokens generated.
+
+The first round after a change of depth is not a sample of its depth's cost: a drafting round after plain ones
+first runs the MTP modules over the rows the plain rounds left them (up to speculative.FOLD_ROWS), and a plain
+round after a drafting one cannot be pipelined behind the previous pass. So a probe is a run of PROBE_ROUNDS
+rounds, and only the rounds after a run's first are timed: a depth that pays in steady state by a few percent is
+not lost to what switching to it costs once.
 """
 
 from __future__ import annotations
@@ -130,15 +136,17 @@ class DepthPolicy:
 
     Round times: a round with k > 0 drafts taking s seconds is a sample s / (median of the last RECENT plain
     rounds) of ratio(k); ratio(k) is the median of its last RECENT samples (the cost curve's value until the first),
-    so one stalled round (another process, a page fault) moves nothing. Probes go to the depth unseen longest,
-    whenever what probes have cost so far (each charged after it ran: the tokens the best depth would have made in
-    its time, minus its own) plus the next one's expected cost (at most one token) is within ``budget`` of the
-    tokens generated. Acceptance: per depth, counts decayed
+    so one stalled round (another process, a page fault) moves nothing; the first round after a change of depth is
+    no sample (module docstring). Probes (runs of PROBE_ROUNDS rounds) go to the depth unseen longest, whenever
+    what probes have cost so far (each round charged after it ran: the tokens the best depth would have made in its
+    time, minus its own) plus the next probe's expected cost (at most one token a round) is within ``budget`` of
+    the tokens generated. Acceptance: per depth, counts decayed
     over ``window_acc`` drafts, with a prior of ``prior`` worth ``prior_weight`` drafts. ``learned`` (from
     ``learned()``, e.g. via load_learned) replaces the priors.
     """
 
     RECENT = 9
+    PROBE_ROUNDS = 3
 
     def __init__(self, costs: dict, max_depth: Optional[int] = None, *, prior: float = 0.7, prior_weight: float = 4.0,
                  budget: float = 0.01, window_acc: int = 256, learned: Optional[dict] = None):
@@ -158,7 +166,8 @@ class DepthPolicy:
         self.last_round = [0] * (K + 1)  # the round each k last ran
         self.round = 0
         self.last_k = 0
-        self.pending: list = []  # (probe?, best rate) of the rounds chosen and not observed yet, oldest first
+        self.probe_left = 0  # rounds left in the current probe
+        self.pending: list = []  # (probe?, best rate, first of a run?) of the rounds chosen and not observed yet
         if learned:
             self._load(learned)
 
@@ -200,15 +209,19 @@ class DepthPolicy:
         rates = [self.expected_rate(k) for k in range(self.max_depth + 1)]
         k = max(range(len(rates)), key=rates.__getitem__)
         probe = False
-        if self.max_depth:
+        if self.probe_left:
+            k, probe = self.last_k, True
+            self.probe_left -= 1
+        elif self.max_depth:
             j = min((j for j in range(len(rates)) if j != k), key=self.last_round.__getitem__)
-            # its expected cost, at most one token (an estimate off after a stall must not stop the probing)
-            cost = min(1.0, max(0.0, rates[k] * self.ratio[j] - self.expected_tokens(j)))
+            # its expected cost, at most one token a round (an estimate off after a stall must not stop the probing)
+            cost = self.PROBE_ROUNDS * min(1.0, max(0.0, rates[k] * self.ratio[j] - self.expected_tokens(j)))
             if self.probe_cost + cost <= self.budget * self.tokens:
                 k, probe = j, True
+                self.probe_left = self.PROBE_ROUNDS - 1
         self.round += 1
         self.last_round[k] = self.round
-        self.pending.append((probe, max(rates)))
+        self.pending.append((probe, max(rates), k != self.last_k))
         self.last_k = k
         return k
 
@@ -222,15 +235,17 @@ class DepthPolicy:
         for d in range(drafted):
             self.tried[d] = self.tried[d] * self.decay + 1
             self.accepted[d] = self.accepted[d] * self.decay + (d < accepted)
+        probe, best_rate, first = self.pending.pop(0) if self.pending else (False, 0.0, False)
         if k == 0:
-            self.plain = (self.plain + [seconds])[-self.RECENT :]
-            ratio = 1.0
+            if not first:
+                self.plain = (self.plain + [seconds])[-self.RECENT :]
+            ratio = seconds / _median(self.plain) if self.plain else 1.0
         elif self.plain:
             ratio = seconds / _median(self.plain)
-            self.samples[k] = (self.samples[k] + [ratio])[-self.RECENT :]
-            self.ratio[k] = _median(self.samples[k])
+            if not first:
+                self.samples[k] = (self.samples[k] + [ratio])[-self.RECENT :]
+                self.ratio[k] = _median(self.samples[k])
         else:
             ratio = self.ratio[k]
-        probe, best_rate = self.pending.pop(0) if self.pending else (False, 0.0)
         if probe:  # the tokens the best depth would have made in this round's time, minus its own
             self.probe_cost += max(0.0, best_rate * ratio - (accepted + 1))

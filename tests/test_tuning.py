@@ -14,14 +14,15 @@ FLAT = {"verify": [1.0, 1.05, 1.1, 1.15, 1.2], "draft": 0.05}  # memory-bound: a
 LINEAR = {"verify": [1.0, 2.0, 3.0, 4.0, 5.0], "draft": 0.3}  # compute-bound: the reference BLAS
 
 
-def run_rounds(policy, n, accept, seconds_for):
-    """Simulated rounds: the first `accept` drafts of each round are accepted. Returns (ks, tokens, seconds)."""
+def run_rounds(policy, n, accept, seconds_for, switch_cost=0.0):
+    """Simulated rounds: the first `accept` drafts of each round are accepted; a round whose depth differs from the
+    last one's takes switch_cost seconds more. Returns (ks, tokens, seconds)."""
     ks, tokens, seconds = [], 0, 0.0
     for _ in range(n):
         k = policy.choose()
-        ks.append(k)
         a = min(k, accept)
-        s = seconds_for(k)
+        s = seconds_for(k) + (switch_cost if ks and k != ks[-1] else 0.0)
+        ks.append(k)
         policy.observe(k, k, a, s)
         tokens, seconds = tokens + a + 1, seconds + s
     return ks, tokens, seconds
@@ -47,6 +48,18 @@ def test_plain_wins_and_probing_stays_within_budget():
     assert ks[-200:].count(0) >= 195
     assert any(k > 0 for k in ks[100:])  # it keeps probing
     assert tokens / seconds >= (1 - 0.012) / plain
+
+
+def test_a_small_steady_win_is_found_despite_what_switching_costs():
+    """k = 1 pays 5% in steady state (2 tokens in 1.9 plain rounds), but the first round after a change of depth
+    costs half a plain round more (in decode: the MTP modules catch up on the plain rounds' rows; a plain round
+    after drafting is not pipelined). Probes time only the rounds after their first, so auto finds k = 1 from
+    the compute-bound prior that starts it on plain decoding."""
+    policy = DepthPolicy(LINEAR, 4)
+    ks, _, _ = run_rounds(policy, 3000, accept=1, switch_cost=0.005,
+                          seconds_for=lambda k: 0.01 if k == 0 else 0.019 * (1 + 0.5 * (k - 1)))
+    assert ks[0] == 0
+    assert ks[-300:].count(1) >= 280
 
 
 def test_observed_round_times_override_the_measured_curve():
