@@ -208,6 +208,22 @@ def copy_caches(caches) -> list:
     return [copy_caches(c) if isinstance(c, (list, tuple)) else (None if c is None else c.copy()) for c in caches]
 
 
+def cache_arrays(caches) -> list:
+    """The arrays a (nested) list of caches holds: evaluating them runs a pass only as far as its caches need (MLX
+    is lazy), e.g. the key and value projections of a layer whose output nobody reads."""
+    out = []
+    for c in caches:
+        if isinstance(c, (list, tuple)):
+            out += cache_arrays(c)
+        elif c is not None:
+            for name in ("keys", "values", "conv_state", "state", "_conv_input"):
+                a = getattr(c, name, None)
+                if isinstance(a, mx.array):
+                    out.append(a)
+            out += [a for a in getattr(c, "_states", ()) if isinstance(a, mx.array)]
+    return out
+
+
 def cache_nbytes(caches) -> int:
     total = 0
     for c in caches:

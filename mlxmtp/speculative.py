@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from .cache import can_rollback, copy_caches, rollback
+from .cache import cache_arrays, can_rollback, copy_caches, rollback
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512
@@ -83,7 +83,9 @@ class MTPDrafter:
     def prefill(self, tokens: list[int], evaluate=mx.eval) -> None:
         """Run every module over the rows whose inputs are committed (``tokens``: the prompt), in chunks, leaving
         each module's last row (whose token is the one not sampled yet) for the first draft. Part of prefill: the
-        first round then runs one row per module, whatever the prompt's length."""
+        first round then runs one row per module, whatever the prompt's length. Of these rows only the caches are
+        kept, and the outputs that feed a next module: the last module runs only as far as its cache needs (its
+        key and value projections, not its attention output or MLP)."""
         L = len(tokens)
         for j in range(self.n):
             f = self.frontier[j]
@@ -91,11 +93,13 @@ class MTPDrafter:
             end = min(L - j - 1, have)  # row i needs t[i + j + 1], a prompt token
             if end <= f:
                 continue
-            out, _ = self._run(j, self.inputs[j][:, : end - f], mx.array([tokens[f + j + 1 : end + j + 1]]))
-            evaluate(out)
+            feeds = j + 1 < self.n
+            out = self._run(j, self.inputs[j][:, : end - f], mx.array([tokens[f + j + 1 : end + j + 1]]),
+                            need_out=feeds)[0]
+            evaluate(*([out] if feeds else []), *cache_arrays([self.caches[j]]))
             self.inputs[j] = self.inputs[j][:, end - f :] if have > end else None
             self.frontier[j] = end
-            if j + 1 < self.n:
+            if feeds:
                 nxt = self.inputs[j + 1]
                 self.inputs[j + 1] = out if nxt is None else mx.concatenate([nxt, out], axis=1)
 
@@ -139,13 +143,14 @@ class MTPDrafter:
         self._commit(P, ran)
         return (mx.concatenate(drafts) if drafts else None), qs
 
-    def _run(self, j: int, h: mx.array, toks: mx.array):
-        """Module j over the given rows ([1, L] tokens); long inputs (a prompt) go in chunks."""
+    def _run(self, j: int, h: mx.array, toks: mx.array, need_out: bool = True):
+        """Module j over the given rows ([1, L] tokens); long inputs (a prompt) go in chunks. need_out=False: only
+        the last chunk's output is returned (the earlier chunks are evaluated only as far as the cache needs)."""
         outs = []
         while toks.shape[1] > PREFILL_CHUNK:
             out, _ = self.model.mtp_forward(j, h[:, :PREFILL_CHUNK], toks[:, :PREFILL_CHUNK], self.caches[j])
-            mx.eval(out)
-            outs.append(out)
+            mx.eval(*([out] if need_out else []), *cache_arrays([self.caches[j]]))
+            outs += [out] if need_out else []
             h, toks = h[:, PREFILL_CHUNK:], toks[:, PREFILL_CHUNK:]
         out, logits = self.model.mtp_forward(j, h, toks, self.caches[j])
         return (mx.concatenate(outs + [out], axis=1) if outs else out), logits
