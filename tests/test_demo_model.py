@@ -12,9 +12,9 @@ from mlxmtp import generation
 from mlxmtp.bench import read_jsonl, stdlib_code_suite
 
 MAX_TOKENS = 48
-# README figures (training/README.md), asserted a little below the measured values: stdlib k=1 1.74, k=3 2.66;
-# external k=1 1.87, k=3 3.14.
-MIN_TAU = {("stdlib", 1): 1.70, ("stdlib", 3): 2.60, ("external", 1): 1.82, ("external", 3): 3.05}
+# README figures (training/README.md), asserted a little below the measured values: stdlib k=1 1.82, k=3 2.84;
+# external k=1 1.87, k=3 3.04 (issue 12's targets: >= 1.8 at k=1 and >= 2.5 at k=3 on both).
+MIN_TAU = {("stdlib", 1): 1.80, ("stdlib", 3): 2.80, ("external", 1): 1.84, ("external", 3): 3.00}
 
 
 @pytest.fixture(scope="module")

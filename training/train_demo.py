@@ -15,7 +15,8 @@ MTP contract with the runtime, for every position i of a sequence t (absolute po
 Embedding and output head are shared with the trunk (paper Sec. 2.2). Stage 1 loss = CE_trunk + 0.3 * CE_mtp
 (paper Sec. 2.2, lambda = 0.3). Stage 2 replaces that head by one mlxmtp train-heads distils on the frozen trunk
 (distill_head); its checkpoint has no copies of embedding / head under the MTP layer (the loader never uses them).
-See training/README.md for the stages, the evaluation and the 1.84 vs 1.26 question.
+The shipped head then had three --long-from rounds on the trunk's own greedy generations (stage 2c, --long-gen-tokens).
+See training/README.md for the stages and their commands, the evaluation and the 1.84 vs 1.26 question.
 
     python training/train_demo.py                          # 38 min stage 1 + ~25 min stage 2 on 2 shared cores
     python training/train_demo.py --out /tmp/x --minutes 2 --head-steps 20 --head-gen-tokens 2000  # smoke run
