@@ -73,6 +73,10 @@ class KVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    @property
+    def arrays(self) -> list:
+        return [] if self.keys is None else [self.keys, self.values]
+
 
 class SlidingWindowCache:
     """Keys and values of the last ``window - 1 + room`` positions (plus the ones being added).
@@ -132,6 +136,10 @@ class SlidingWindowCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    @property
+    def arrays(self) -> list:
+        return [] if self.keys is None else [self.keys, self.values]
+
 
 class RecurrentCache:
     """Conv window and recurrent state of a linear-attention layer, with exact rollback.
@@ -185,6 +193,11 @@ class RecurrentCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.conv_state, self.state) if a is not None)
 
+    @property
+    def arrays(self) -> list:
+        """The state and what rollback selects from (the last update's conv input and per-position states)."""
+        return [a for a in (self.conv_state, self.state, self._conv_input, *self._states) if a is not None]
+
 
 def rollback(caches, n: int) -> None:
     """Forget the last n positions of every cache in a (nested) list of caches."""
@@ -209,18 +222,11 @@ def copy_caches(caches) -> list:
 
 
 def cache_arrays(caches) -> list:
-    """The arrays a (nested) list of caches holds: evaluating them runs a pass only as far as its caches need (MLX
-    is lazy), e.g. the key and value projections of a layer whose output nobody reads."""
+    """The arrays a (nested) list of caches holds (each cache's ``arrays``): evaluating them runs a pass only as far
+    as its caches need (MLX is lazy), e.g. the key and value projections of a layer whose output nobody reads."""
     out = []
     for c in caches:
-        if isinstance(c, (list, tuple)):
-            out += cache_arrays(c)
-        elif c is not None:
-            for name in ("keys", "values", "conv_state", "state", "_conv_input"):
-                a = getattr(c, name, None)
-                if isinstance(a, mx.array):
-                    out.append(a)
-            out += [a for a in getattr(c, "_states", ()) if isinstance(a, mx.array)]
+        out += cache_arrays(c) if isinstance(c, (list, tuple)) else (c.arrays if c is not None else [])
     return out
 
 

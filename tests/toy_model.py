@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxmtp.cache import KVCache
+from mlxmtp.cache import KVCache, cache_arrays
 from mlxmtp.models.base import MTPModel
 from mlxmtp.models.layers import MLP, Attention
 from mlxmtp.models.mtp import MTPModule
@@ -75,6 +75,10 @@ class _TrunkAsModuleCache:
     def rollback(self, n):
         for c in self.caches:
             c.rollback(n)
+
+    @property
+    def arrays(self):
+        return cache_arrays(self.caches)
 
 
 class SelfDraft(MTPModel):
