@@ -158,7 +158,7 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     t_first = None
     finish = None
     steps = decode(model, ids, params, draft_tokens=draft_tokens, policy=policy, seed=seed, stats=rounds,
-                   state=state)
+                   state=state, max_new_tokens=min(max_tokens, ctx - len(ids)) if ctx else max_tokens)
     try:
         for new in steps:
             if t_first is None:

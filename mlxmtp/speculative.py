@@ -282,7 +282,8 @@ def _trunk(model, tokens: mx.array, cache, want_hidden: bool):
 
 def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, policy=None, seed=None,
            stats: Optional[RoundStats] = None, min_draft_prob: float = 0.0, drafter=None,
-           state: Optional[DecodeState] = None, sampler: Optional[Sampler] = None) -> Iterator[list[int]]:
+           state: Optional[DecodeState] = None, sampler: Optional[Sampler] = None,
+           max_new_tokens: Optional[int] = None) -> Iterator[list[int]]:
     """Yield the generated tokens, a list per trunk pass (the prefill's first token, then each round's accepted
     drafts plus the correction or bonus token). Runs until the caller stops iterating.
 
@@ -291,7 +292,9 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     MTPDrafter's ``extend`` and ``draft`` (default: an MTPDrafter over the model's modules). state: a DecodeState to
     continue (only the prompt tokens after its ``n_cached`` are prefilled; the prompt must start with its
     ``tokens``) and to leave updated for the next generation; default: a fresh one. sampler: a sampling.Sampler
-    (default: one for ``params`` and ``seed`` on the default backend).
+    (default: one for ``params`` and ``seed`` on the default backend). max_new_tokens: where the caller will stop (a
+    hint): no pass is queued ahead for a token past it, so a generation that ends at its length, as mlx-lm's
+    generate_step does, leaves no wasted pass behind (iterating on past it still works, unpipelined).
 
     One loop for every k. One host synchronisation per round (greedy, or the mlx sampler): drafts, the verify input,
     the distributions and the acceptance rule stay device arrays, and only [accepted count, next token, drafts]
@@ -363,7 +366,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
         while True:
             k = 0 if not use_mtp else (policy.choose() if auto else draft_tokens)
             state.busy = True
-            if k == 0 and sampler.pipelined:
+            ahead = len(tokens) - len(prompt) + (1 if lazy is None else 2)  # the token a queued pass would give
+            if k == 0 and sampler.pipelined and (max_new_tokens is None or ahead <= max_new_tokens):
                 logits, hidden = _trunk(model, mx.array(tokens[-1:], dtype=mx.int32) if lazy is None else lazy,
                                         cache, use_mtp)
                 nxt = sampler.lazy_next(logits[0, -1:])

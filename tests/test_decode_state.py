@@ -159,3 +159,24 @@ def test_reuse_after_plain_rounds_inside_mtp(family_model, ks, backend, monkeypa
         state.trim(b)
         k = 2 if mtp else 0
         assert run(model, b, params, k, state=state, seed=1) == run(model, b, params, k, seed=1), (params, ks)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_no_pass_is_queued_past_max_new_tokens(backend, monkeypatch):
+    """With the max_new_tokens hint, pipelined plain decoding runs exactly one trunk pass per token it will hand out
+    (the prefill's included), leaves the state with every emitted token but the last in the cache, and gives the
+    same tokens as without the hint, also when the caller iterates on past it."""
+    monkeypatch.setenv("MLXMTP_SAMPLER", backend)
+    model = ToyModel(vocab=5, num_mtp=1, seed=5)
+    passes = []
+    trunk = model.trunk
+    monkeypatch.setattr(model, "trunk", lambda *a, **kw: passes.append(1) or trunk(*a, **kw))
+    for params in (GREEDY, SAMPLED):
+        state = DecodeState(model, use_mtp=False)
+        passes.clear()
+        got = take(decode(model, [1, 2, 3], params, seed=3, state=state, max_new_tokens=N), N)
+        assert len(passes) == N  # the prefill, then N - 1 rounds
+        assert state.n_cached == len(state.tokens) - 1 == 3 + N - 1
+        assert got == take(decode(model, [1, 2, 3], params, seed=3), N)
+        longer = take(decode(model, [1, 2, 3], params, seed=3, max_new_tokens=N), N + 3)
+        assert longer == take(decode(model, [1, 2, 3], params, seed=3), N + 3)
