@@ -122,21 +122,18 @@ def measure_rounds(model, prompt, settings: dict, k, rounds, bare, warmup=3, blo
     of rounds, so that the load on a shared machine falls on all of them alike; before each block the device is
     drained (untimed) and the block's first round dropped, so that a pipelined setting's queued pass neither runs
     during another setting's block nor hides in this one's first round."""
-    runs = {}
+    runs, timed = {}, {}  # timed[name]: (one round, its wall times, its host times)
     for name, params in settings.items():
         st = speculative.RoundStats()
         gen = speculative.decode(model, prompt, params, draft_tokens=k, seed=0, stats=st)
         for _ in range(1 + warmup):  # the prefill, then warm-up rounds
             next(gen)
-        runs[name] = (st, gen, (st.target_forwards, st.syncs, st.host_bytes), [], [])
-    bare_times, bare_host = [], []
-    step = {name: gen.__next__ for name, (_, gen, *_) in runs.items()}
-    step["bare"] = lambda: bare(k)
-    timed = {name: (times, host) for name, (*_, times, host) in runs.items()} | {"bare": (bare_times, bare_host)}
+        runs[name] = (st, gen, (st.target_forwards, st.syncs, st.host_bytes))
+        timed[name] = (gen.__next__, [], [])
+    timed["bare"] = (lambda: bare(k), [], [])
     per_block = -(-rounds // blocks)
     for _ in range(blocks):
-        for name, fn in step.items():
-            times, host = timed[name]
+        for fn, times, host in timed.values():
             mx.synchronize()
             fn()  # dropped: it may read a pass queued before the drain
             for _ in range(per_block):
@@ -145,12 +142,12 @@ def measure_rounds(model, prompt, settings: dict, k, rounds, bare, warmup=3, blo
                 times.append(time.perf_counter() - t0)
                 host.append(time.thread_time() - h0)
             mx.synchronize()
-    out = {"bare": {"round_ms": statistics.median(bare_times) * 1e3, "host_ms": statistics.median(bare_host) * 1e3}}
-    for name, (st, gen, (f0, s0, b0), times, host) in runs.items():
+    out = {name: {"round_ms": statistics.median(times) * 1e3, "host_ms": statistics.median(host) * 1e3}
+           for name, (_, times, host) in timed.items()}
+    for name, (st, gen, (f0, s0, b0)) in runs.items():
         gen.close()
         n = st.target_forwards - f0
-        out[name] = {"round_ms": statistics.median(times) * 1e3, "host_ms": statistics.median(host) * 1e3,
-                     "syncs_per_round": (st.syncs - s0) / n, "host_bytes_per_round": (st.host_bytes - b0) / n}
+        out[name].update(syncs_per_round=(st.syncs - s0) / n, host_bytes_per_round=(st.host_bytes - b0) / n)
     return out
 
 
