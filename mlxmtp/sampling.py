@@ -312,20 +312,24 @@ class Dist:
         return np.where(self.ids[pos] == tokens, self.w[pos], 0.0)
 
 
-def _cut(e: np.ndarray, t: float):
+def _cut(e: np.ndarray, t: float, scratch: Optional[np.ndarray] = None):
     """Weights e (1-D, >= 0), target mass t <= e.sum() -> (w, A): the cut weight w = max{w : mass(e >= w) >= t}
-    and A = mass(e > w). A mass-weighted quickselect: each np.partition splits the working set at a pivot and the
-    side holding the cut is kept, the mass of the ids above it carried in `above` (always ids strictly larger than
-    the working set); small sets are sorted."""
+    and A = mass(e > w). A mass-weighted quickselect: each partition (in place, on one copy of e: ``scratch`` when
+    given: e's dtype, at least its length) splits the working set at a pivot and the side holding the cut is kept, the mass of
+    the ids above it carried in `above` (always ids strictly larger than the working set); small sets are sorted."""
     a, above, split = e, 0.0, max(len(e) - NP_CANDIDATES, 0)
+    if len(e) > NP_SORT:
+        a = e.copy() if scratch is None else scratch[: len(e)]
+        if scratch is not None:
+            np.copyto(a, e)
     while len(a) > NP_SORT:
-        part = np.partition(a, split)
-        pivot, up = part[split], part[split:]  # part[:split] <= pivot <= up
+        a.partition(split)
+        pivot, up = a[split], a[split:]  # a[:split] <= pivot <= up
         m_up = up.sum(dtype=np.float64)
         if above + m_up - pivot >= t:  # the ids after the pivot already reach t: the cut is among them
             a = up[1:]
         else:
-            low = part[:split]
+            low = a[:split]
             n_eq = np.count_nonzero(low == pivot)
             if above + m_up + n_eq * float(pivot) >= t:
                 return pivot, above + up[up > pivot].sum(dtype=np.float64)
@@ -338,23 +342,45 @@ def _cut(e: np.ndarray, t: float):
     return w, above + s[s > w].sum(dtype=np.float64)
 
 
+class Workspace:
+    """Buffers that the numpy backend reuses from row to row: on these machines a fresh [V] array right
+    after a model's evaluation costs more than the arithmetic on it (its pages are new), and a row needs several."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, name: str, like: np.ndarray) -> np.ndarray:
+        """A buffer of like's length and dtype (its contents undefined)."""
+        key = (name, like.dtype)
+        b = self._buffers.get(key)
+        if b is None or len(b) < len(like):
+            b = self._buffers[key] = np.empty(len(like), dtype=like.dtype)
+        return b[: len(like)]
+
+
 class Row:
     """One row of float32 logits -> its final distribution, computed as far as asked: ``at(tokens)`` needs only the
-    normaliser and the top-p cut; ``dist()`` materialises the nucleus. Weights are exp((x - max) / T) (float32 over
-    the vocabulary, numpy's exp being vectorised; float64 on a top-k set), sums in float64."""
+    normaliser and the top-p cut; ``sample(u)`` draws from it; ``dist()`` materialises the nucleus. Weights are
+    exp((x - max) / T) (float32 over the vocabulary, numpy's exp being vectorised; float64 on a top-k set), sums in
+    float64. With a Workspace ``ws`` the row lives in its buffers: it is valid until the next Row built on them."""
 
-    def __init__(self, x: np.ndarray, params: SamplingParams):
+    def __init__(self, x: np.ndarray, params: SamplingParams, ws: Optional[Workspace] = None):
         V, T = x.shape[0], params.temperature
+        self.ws = ws
         m = np.float32(x.max())
         self.ids = None  # the top-k set (sorted ids) when top-k applies, else every id
         if 0 < params.top_k < V:
-            kth = np.partition(x, V - params.top_k)[V - params.top_k]
+            part = x.copy() if ws is None else ws.get("scratch", x)
+            if ws is not None:
+                np.copyto(part, x)
+            part.partition(V - params.top_k)
+            kth = part[V - params.top_k]
             self.ids = np.flatnonzero(x >= kth)  # ties with the k-th stay, as in the reference
             x = x[self.ids]
         if len(x) <= 4096:
             e = np.exp((x.astype(np.float64) - float(m)) / T)
         else:
-            e = np.subtract(x, m, dtype=np.float32)
+            e = np.subtract(x, m, dtype=np.float32, out=None if ws is None else ws.get("e", x))
             e *= np.float32(1 / T)
             np.exp(e, out=e)
         self.e = e
@@ -363,7 +389,7 @@ class Row:
         self.mass = Z  # the kept mass (the normaliser)
         if params.top_p < 1:
             t = params.top_p * Z
-            w, A = _cut(e, t)
+            w, A = _cut(e, t, None if ws is None else ws.get("scratch", e))
             ties = np.flatnonzero(e == w)
             if len(ties) > 1:  # equal weights: reference order is logit desc (float32 exp may merge), then id
                 ties = ties[np.lexsort((ties, -x[ties]))]
@@ -383,12 +409,24 @@ class Row:
             inside &= (self.e[pos] > self.cut) | np.isin(pos, self.kept_ties)
         return np.where(inside, ev / self.mass, 0.0)
 
+    def _kept(self) -> np.ndarray:
+        keep = self.e > self.cut
+        keep[self.kept_ties] = True
+        return keep
+
+    def sample(self, u: float) -> int:
+        """The id at u of the distribution's inverse CDF (ids in order), without materialising the nucleus: the
+        weights outside it are zeroed in place of being dropped."""
+        w = self.e
+        if self.cut is not None:
+            w = np.multiply(w, self._kept(), out=None if self.ws is None else self.ws.get("draw", w))
+        i = np_draw(w, u)
+        return i if self.ids is None else int(self.ids[i])
+
     def dist(self) -> Dist:
         if self.cut is None:
             return Dist(self.ids, self.e / self.mass)
-        keep = self.e > self.cut
-        keep[self.kept_ties] = True
-        pos = np.flatnonzero(keep)
+        pos = np.flatnonzero(self._kept())
         w = self.e[pos].astype(np.float64)
         return Dist(pos if self.ids is None else self.ids[pos], w / w.sum())
 
@@ -398,15 +436,22 @@ def np_distribution(x: np.ndarray, params: SamplingParams) -> Dist:
     return Row(x, params).dist()
 
 
+def _search(c: np.ndarray, u: float) -> int:
+    """The first index whose cumulative sum c exceeds u * c[-1]; at u * c[-1] >= c[-1] (rounding) the first that
+    reaches c[-1], so an entry with weight."""
+    i = int(np.searchsorted(c, u * c[-1], side="right"))
+    return i if i < len(c) else int(np.searchsorted(c, c[-1]))
+
+
 def np_draw(w: np.ndarray, u: float) -> int:
-    """Inverse CDF of unnormalised weights: block sums first, then within the block (float64 throughout)."""
+    """Inverse CDF of unnormalised weights: block sums first, then within the block (float64 throughout). Rounding
+    never lands on an id without weight (zero weights may lie anywhere, e.g. outside a nucleus)."""
     if len(w) <= 4 * BLOCK:
-        c = np.cumsum(w, dtype=np.float64)
-        return int(min(np.searchsorted(c, u * c[-1], side="right"), len(w) - 1))
+        return _search(np.cumsum(w, dtype=np.float64), u)
     starts = np.arange(0, len(w), BLOCK)
     c = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
     t = u * c[-1]
-    b = int(min(np.searchsorted(c, t, side="right"), len(c) - 1))
+    b = _search(c, u)
     block = w[starts[b] : starts[b] + BLOCK]
     cb = np.cumsum(block, dtype=np.float64)
     t -= c[b - 1] if b else 0.0
@@ -465,6 +510,7 @@ class Sampler:
         self.widened = 0  # mlx: rounds whose top-p candidates were widened (one more synchronisation each)
         self._pending: list = []  # numpy backend: this round's (draft token, Proposal), evaluated by _view
         self._host_drafts: list = []  # ... and the drafts as ints once evaluated
+        self._ws = Workspace()  # numpy backend: the buffers its rows live in, one row at a time
 
     def _split(self):
         self.key, sub = mx.random.split(self.key)
@@ -534,8 +580,8 @@ class Sampler:
         x = self._view(logits)
         d, self._host_drafts = self._host_drafts[:k], []
         for i in range(k):  # p is computed only for the rows the rule reaches
-            p, q = Row(x[i], self.params), qs[i].host()
+            p, q = Row(x[i], self.params, self._ws), qs[i].host()
             if self.rng.random() * q.at(np.array([d[i]]))[0] < p.at([d[i]])[0]:  # accept w.p. min(1, p/q)
                 continue
             return i, np_sample(np_residual(p.dist(), q), self.rng.random()), d
-        return k, np_sample(Row(x[k], self.params).dist(), self.rng.random()), d
+        return k, Row(x[k], self.params, self._ws).sample(self.rng.random()), d

@@ -60,12 +60,28 @@ def check_backends(x: np.ndarray, params: SamplingParams, atol=2e-6, rtol=1e-4):
         assert ok.all() or n_cand < V
         bad = (np.abs(p - ref) > atol + r * ref) & ~cut & ok[:, None]
         assert not bad.any(), f"mlx, {params}, {n_cand} candidates: {np.argwhere(bad)[:3]}"
+    ws = sampling.Workspace()
     for i in range(len(x)):
         row = sampling.Row(x[i], params)
         d = dense(row.dist(), V)
         bad = (np.abs(d - ref[i]) > atol + r[i] * ref[i]) & ~cut[i]
         assert not bad.any(), f"numpy, {params}: {np.argwhere(bad)[:3]}"
         np.testing.assert_allclose(row.at(np.arange(V)), d, rtol=1e-9, atol=1e-12)  # the lazy rule's p
+        in_ws = sampling.Row(x[i], params, ws)  # in the buffers the previous row used
+        np.testing.assert_array_equal(dense(in_ws.dist(), V), d)
+        check_inverse_cdf(in_ws, d)
+
+
+def check_inverse_cdf(row: sampling.Row, d: np.ndarray, n: int = 200):
+    """Row.sample(u) is the inverse CDF of the row's distribution d (ids in order): u in the middle of an id's
+    interval gives that id (for up to n ids of the support, its ends included, those of probability > 1e-9: a
+    narrower interval is within the sums' rounding), and u next to 1 an id with weight."""
+    ids = np.flatnonzero(d > 1e-9)
+    c = np.cumsum(d)
+    pick = np.unique(np.concatenate([ids[[0, -1]], np.random.default_rng(1).choice(ids, min(n, len(ids)))]))
+    for i in pick:
+        assert row.sample(c[i] - d[i] / 2) == i
+    assert d[row.sample(np.nextafter(1.0, 0.0))] > 0
 
 
 @pytest.mark.parametrize("V", [40, 3000])
