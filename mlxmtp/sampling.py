@@ -37,8 +37,11 @@ import mlx.core as mx
 import numpy as np
 
 # mlx backend: top-p's first candidate set (the largest logits, ordered by pairwise comparison); when it does not
-# hold the top-p mass the round is redone with the exact bisection (one more synchronisation, counted in `widened`).
+# hold the top-p mass the round is redone with the exact bisection (one more synchronisation, counted in `widened`),
+# and the next EXACT_AFTER_WIDENING rounds go to the bisection at once (a flat stretch of text widens round after
+# round; both give the same result for the same uniforms, so skipping the candidates changes only the cost).
 CANDIDATES = (256,)
+EXACT_AFTER_WIDENING = 16
 # Drafts: the proposal's support is the DRAFT_N largest logits, found among the DRAFT_N blocks of DRAFT_BLOCK ids
 # with the largest maxima (they hold the top DRAFT_N ids).
 DRAFT_N = 64
@@ -508,6 +511,7 @@ class Sampler:
         self.syncs = 0
         self.host_bytes = 0
         self.widened = 0  # mlx: rounds whose top-p candidates were widened (one more synchronisation each)
+        self._exact_rounds = 0  # mlx: rounds left that skip the candidates (EXACT_AFTER_WIDENING)
         self._pending: list = []  # numpy backend: this round's (draft token, Proposal), evaluated by _view
         self._host_drafts: list = []  # ... and the drafts as ints once evaluated
         self._ws = Workspace()  # numpy backend: the buffers its rows live in, one row at a time
@@ -568,11 +572,14 @@ class Sampler:
         key_u, key_r = self._split(), self._split()
         V = logits.shape[-1]
         drafted = (drafts, mx.concatenate([qi.dense(V) for qi in qs], axis=0)) if k else ()
-        for n_cand in CANDIDATES + (V,):
+        sets = (V,) if self._exact_rounds else CANDIDATES + (V,)
+        self._exact_rounds = max(0, self._exact_rounds - 1)
+        for n_cand in sets:
             out = self.fetch(compiled_acceptor(self.params, n_cand, k)(logits, key_u, key_r, *drafted))
             if out[2] or n_cand >= V:  # same uniforms on the exact set: the result as if it had run first
                 return out[0], out[1], out[3:]
             self.widened += 1
+            self._exact_rounds = EXACT_AFTER_WIDENING
         raise AssertionError("unreachable")
 
     def _accept_numpy(self, drafts, qs, logits):

@@ -139,6 +139,18 @@ def test_candidate_widening():
     n, tok, _ = sampler.accept(None, [], mx.array(x[:1]))
     assert sampler.widened == 1 and sampler.syncs == 2
     assert params.distribution(mx.array(x[:1]))[0, tok] > 0
+    # the next EXACT_AFTER_WIDENING rounds go to the bisection at once: one synchronisation, the same token as
+    # trying the candidates first
+    tries_first = Sampler(params, seed=0, backend="mlx")
+    tries_first.accept(None, [], mx.array(x[:1]))
+    tries_first._exact_rounds = 0
+    assert sampler.accept(None, [], mx.array(x[1:]))[1] == tries_first.accept(None, [], mx.array(x[1:]))[1]
+    assert (sampler.syncs, sampler.widened, tries_first.syncs, tries_first.widened) == (3, 1, 4, 2)
+    for _ in range(sampling.EXACT_AFTER_WIDENING - 1):
+        sampler.accept(None, [], mx.array(x[1:]))
+    assert sampler.widened == 1
+    sampler.accept(None, [], mx.array(x[1:]))  # the candidates again
+    assert sampler.widened == 2
 
 
 @pytest.mark.parametrize("V", [6, 3000, 151_936])
