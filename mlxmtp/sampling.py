@@ -315,16 +315,40 @@ class Dist:
         return np.where(self.ids[pos] == tokens, self.w[pos], 0.0)
 
 
-def _cut(e: np.ndarray, t: float, scratch: Optional[np.ndarray] = None):
+class Workspace:
+    """Buffers that the numpy backend reuses from row to row, a row needing several [V] arrays: right after a
+    model's evaluation a fresh one costs more than the arithmetic on it (np.exp at V = 151,936 on the development
+    machines: 0.35 ms into a new array, 0.16 ms into a reused one)."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, name: str, like: np.ndarray) -> np.ndarray:
+        """A buffer of like's length and dtype (its contents undefined)."""
+        key = (name, like.dtype)
+        b = self._buffers.get(key)
+        if b is None or len(b) < len(like):
+            b = self._buffers[key] = np.empty(len(like), dtype=like.dtype)
+        return b[: len(like)]
+
+
+def _copy(a: np.ndarray, ws: Optional[Workspace], name: str) -> np.ndarray:
+    """A copy of a that is ours to reorder: in ws's buffer ``name`` when given."""
+    if ws is None:
+        return a.copy()
+    out = ws.get(name, a)
+    np.copyto(out, a)
+    return out
+
+
+def _cut(e: np.ndarray, t: float, ws: Optional[Workspace] = None):
     """Weights e (1-D, >= 0), target mass t <= e.sum() -> (w, A): the cut weight w = max{w : mass(e >= w) >= t}
-    and A = mass(e > w). A mass-weighted quickselect: each partition (in place, on one copy of e: ``scratch`` when
-    given: e's dtype, at least its length) splits the working set at a pivot and the side holding the cut is kept, the mass of
-    the ids above it carried in `above` (always ids strictly larger than the working set); small sets are sorted."""
+    and A = mass(e > w). A mass-weighted quickselect: each partition (in place, on one copy of e, in ws when given)
+    splits the working set at a pivot and the side holding the cut is kept, the mass of the ids above it carried in
+    `above` (always ids strictly larger than the working set); small sets are sorted."""
     a, above, split = e, 0.0, max(len(e) - NP_CANDIDATES, 0)
     if len(e) > NP_SORT:
-        a = e.copy() if scratch is None else scratch[: len(e)]
-        if scratch is not None:
-            np.copyto(a, e)
+        a = _copy(e, ws, "scratch")
     while len(a) > NP_SORT:
         a.partition(split)
         pivot, up = a[split], a[split:]  # a[:split] <= pivot <= up
@@ -345,22 +369,6 @@ def _cut(e: np.ndarray, t: float, scratch: Optional[np.ndarray] = None):
     return w, above + s[s > w].sum(dtype=np.float64)
 
 
-class Workspace:
-    """Buffers that the numpy backend reuses from row to row: on these machines a fresh [V] array right
-    after a model's evaluation costs more than the arithmetic on it (its pages are new), and a row needs several."""
-
-    def __init__(self):
-        self._buffers: dict = {}
-
-    def get(self, name: str, like: np.ndarray) -> np.ndarray:
-        """A buffer of like's length and dtype (its contents undefined)."""
-        key = (name, like.dtype)
-        b = self._buffers.get(key)
-        if b is None or len(b) < len(like):
-            b = self._buffers[key] = np.empty(len(like), dtype=like.dtype)
-        return b[: len(like)]
-
-
 class Row:
     """One row of float32 logits -> its final distribution, computed as far as asked: ``at(tokens)`` needs only the
     normaliser and the top-p cut; ``sample(u)`` draws from it; ``dist()`` materialises the nucleus. Weights are
@@ -373,9 +381,7 @@ class Row:
         m = np.float32(x.max())
         self.ids = None  # the top-k set (sorted ids) when top-k applies, else every id
         if 0 < params.top_k < V:
-            part = x.copy() if ws is None else ws.get("scratch", x)
-            if ws is not None:
-                np.copyto(part, x)
+            part = _copy(x, ws, "scratch")
             part.partition(V - params.top_k)
             kth = part[V - params.top_k]
             self.ids = np.flatnonzero(x >= kth)  # ties with the k-th stay, as in the reference
@@ -392,7 +398,7 @@ class Row:
         self.mass = Z  # the kept mass (the normaliser)
         if params.top_p < 1:
             t = params.top_p * Z
-            w, A = _cut(e, t, None if ws is None else ws.get("scratch", e))
+            w, A = _cut(e, t, ws)
             ties = np.flatnonzero(e == w)
             if len(ties) > 1:  # equal weights: reference order is logit desc (float32 exp may merge), then id
                 ties = ties[np.lexsort((ties, -x[ties]))]

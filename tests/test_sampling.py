@@ -115,13 +115,17 @@ def test_quickselect_cut(n):
              rng.uniform(0.9, 1.0, n).astype(np.float32),  # flat: far past the first candidates
              np.exp(np.round(rng.standard_normal(n) * 1.5)).astype(np.float32),  # a few values, huge tie groups
              np.where(rng.random(n) < 0.5, 0.0, 1.0).astype(np.float32)]  # zeros and one tie group
+    ws = sampling.Workspace()
     for e in cases:
+        e_before = e.tolist()
         s = np.sort(e)[::-1]
         c = np.cumsum(s, dtype=np.float64)
         for top_p in (0.05, 0.5, 0.9, 0.999):
             t = top_p * c[-1]
             w = s[np.searchsorted(c, t)]
-            assert sampling._cut(e, t) == (w, pytest.approx(s[s > w].sum(dtype=np.float64), rel=1e-12))
+            expected = (w, pytest.approx(s[s > w].sum(dtype=np.float64), rel=1e-12))
+            assert sampling._cut(e, t) == expected
+            assert sampling._cut(e, t, ws) == expected and e.tolist() == e_before  # e itself untouched
     big = np.zeros(n, dtype=np.float32)
     big[[3, n - 1]] = 1.0  # the first candidates hold everything
     assert sampling._cut(big, 1.5) == (1.0, 0.0)
