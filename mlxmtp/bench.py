@@ -480,7 +480,7 @@ def print_report(report: dict, console=None) -> None:
         t.add_column(col, justify="left" if col in ("setting", "by depth") else "right")
     for name, e in summary.items():
         bounds = [_si(e.get("projected_tokens_per_s", {}).get(f"{bw} GB/s ({chip})")) for chip, bw in bws]
-        ratio = e["paired_ratio_vs_plain_median"] if e.get("paired_ratio_vs_plain_median") else e["ratio_vs_plain"]
+        ratio = e.get("paired_ratio_vs_plain_median") or e["ratio_vs_plain"]
         t.add_row(name, f"{e['decode_tokens_per_s_median']:.1f}", _fmt(ratio, "{:.2f}"),
                   f"{e['tau']:.2f}", _fmt(e.get("acceptance_rate") if e.get("drafted") else None, "{:.0%}"),
                   " ".join(f"{a:.0%}" for a in e.get("acceptance_by_depth", [])),
