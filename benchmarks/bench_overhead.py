@@ -171,6 +171,7 @@ def sampler_ops(repeats: int) -> dict:
     x = mx.array(rng.standard_normal((1, VOCAB)).astype(np.float32))
     xn = np.asarray(memoryview(x))[0]
     key = mx.random.key(0)
+    q = sampling.Dist(np.arange(64), np.full(64, 1 / 64))  # a draft's sparse proposal
     out = {"selection": paired({
         "mlx argmax (greedy)": lambda: mx.eval(mx.argmax(x, -1)),
         "mlx argpartition top-64": lambda: mx.eval(mx.argpartition(-x, 63, -1)[:, :64]),
@@ -187,7 +188,7 @@ def sampler_ops(repeats: int) -> dict:
         out[sname] = paired({
             "draft eager": eager, "draft compiled": lambda: mx.eval(compiled(x, key)),
             "numpy p(d) (normaliser + top-p cut)": lambda: sampling.Row(xn, params).at([5]),
-            "numpy p(d) + nucleus": lambda: sampling.Row(xn, params).dist(),
+            "numpy rejection: p(d), residual, draw": lambda: sampling.Row(xn, params).residual(q).sample(0.5),
             "numpy reference sort (SamplingParams.distribution)": lambda: params.distribution(x),
         }, repeats)
     return out

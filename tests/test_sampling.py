@@ -1,7 +1,9 @@
 """The device sampler (mlxmtp/sampling.py): both back ends' final distributions equal the float64 reference
 (temperature, top-k, top-p, their combinations, ties, top-p = 1, top-k >= vocab, a flat 152K-vocabulary nucleus),
-the quickselect and the candidate widening, the truncated draft proposals, the draws, the acceptance rule's output
-distribution (with truncated proposals too), and what crosses to the host while decoding. Float32 throughout."""
+the numpy backend's candidates at a vocabulary (top-k through group maxima, top-p's largest logits, its sampled
+bracket and the fallback when that misses), the in-place residual, the quickselect and the candidate widening, the
+truncated draft proposals, the draws, the acceptance rule's output distribution (with truncated proposals too),
+and what crosses to the host while decoding. Float32 throughout."""
 
 from __future__ import annotations
 
@@ -105,6 +107,79 @@ def test_flat_vocabulary_nucleus():
         for params in (SamplingParams(0.6, 0.95), SamplingParams(1.0, 0.5, 100_000)):
             check_backends(x, params)
     assert 70_000 < len(sampling.Row(flat[0], SamplingParams(0.6, 0.95)).dist().ids) < 80_000
+
+
+@pytest.fixture
+def brackets(monkeypatch):
+    """The results of Row._bracketed (None: the bracket missed and the full quickselect ran) in the order called."""
+    seen, real = [], sampling.Row._bracketed
+
+    def spy(self, x, t):
+        seen.append(real(self, x, t))
+        return seen[-1]
+
+    monkeypatch.setattr(sampling.Row, "_bracketed", spy)
+    return seen
+
+
+def test_top_k_through_group_maxima():
+    """At a vocabulary top-k's set comes from the strided groups with the largest maxima: the top values spread over
+    many groups, all in one group, and heavy ties at the k-th value spanning groups all give the reference's set."""
+    V, L = 151_936, 151_936 // sampling.GROUPS
+    rng = np.random.default_rng(5)
+    one_group = rng.standard_normal(V).astype(np.float32)
+    one_group[7 + L * np.arange(30)] += 10  # the 30 largest logits share group 7
+    ties = np.round(rng.standard_normal(V) * 1.5).astype(np.float32)
+    for x in (rng.standard_normal(V).astype(np.float32) * 3, one_group, ties):
+        for k in (1, 20, 64):
+            row = sampling.Row(x, SamplingParams(1.0, 1.0, k))
+            kth = np.sort(x)[-k]
+            np.testing.assert_array_equal(row.ids, np.flatnonzero(x >= kth))
+        check_backends(x[None], SamplingParams(0.7, 0.8, 20))
+
+
+def test_top_p_candidates_and_brackets(brackets):
+    """Top-p at a vocabulary: a peaked row's cut lies among the TOP_P_FIRST largest logits (no bracket); when those
+    do not hold the mass the sampled bracket takes over; a row whose every SAMPLE_STRIDE-th logit is unlike the rest
+    misleads the estimate, and the full quickselect gives the same distribution."""
+    V = 151_936
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal(V).astype(np.float32)
+    peaked = base.copy()
+    peaked[rng.choice(V, 3, replace=False)] += 14.0
+    check_backends(peaked[None], SamplingParams(0.6, 0.95))
+    assert brackets == []
+    shoulder = base.copy()  # one top logit, 200 near 0.6 of its weight: top-p 0.5 needs ~100 of them
+    shoulder[rng.choice(V, 201, replace=False)] = np.r_[12.0, 12.0 + np.log(0.6) - np.linspace(0, 0.01, 200)]
+    check_backends(shoulder[None], SamplingParams(1.0, 0.5))
+    assert len(brackets) == 2 and brackets[0] is not None  # (check_backends builds the row twice)
+    misleading = base.copy()
+    misleading[:: sampling.SAMPLE_STRIDE] += 1.0
+    check_backends(misleading[None], SamplingParams(0.6, 0.95))
+    assert len(brackets) == 4 and brackets[2] is None
+
+
+def test_residual_in_place():
+    """Row.residual is norm(max(0, p - q)) over the vocabulary (dense, and on a top-k set), and p itself when q
+    covers p; draws from it follow its inverse CDF."""
+    V = 151_936
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(V).astype(np.float32)
+    x[:40] += 4.0
+    for params in (SamplingParams(0.6, 0.95), SamplingParams(0.7, 0.8, 20), SamplingParams(1.0)):
+        p = params.distribution(mx.array(x[None]))[0]
+        top = np.argsort(-p)[:50]
+        q = sampling.Dist(np.sort(top), p[np.sort(top)] * 0.5 + 0.5 / 50)  # overlaps p's largest entries
+        r = np.maximum(p - dense(q, V), 0.0)
+        r /= r.sum()
+        row = sampling.Row(x, params, sampling.Workspace()).residual(q)
+        np.testing.assert_allclose(dense(row.dist(), V), r, atol=2e-6, rtol=1e-4)
+        check_inverse_cdf(row, dense(row.dist(), V))
+    params = SamplingParams(1.0, 1.0, 3)
+    p = params.distribution(mx.array(x[None]))[0]
+    ids = np.flatnonzero(p)
+    row = sampling.Row(x, params).residual(sampling.Dist(ids, p[ids]))
+    np.testing.assert_allclose(dense(row.dist(), V), p, rtol=1e-6)
 
 
 @pytest.mark.parametrize("n", [900, 5000, 60_000])
