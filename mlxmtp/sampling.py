@@ -53,6 +53,8 @@ DRAFT_BLOCK = 128
 # in 15 us here, a third of the quickselect's time on them).
 NP_CANDIDATES = 512
 NP_SORT = 16384
+# ... and sets of up to NP_ORDER ids (a top-k set, the first candidates) are put in the reference's order whole.
+NP_ORDER = 512
 # numpy backend at a vocabulary (rows of at least GROUPED ids; sets of up to SMALL ids are handled whole, in float64):
 # strided group maxima over GROUPS groups; top-p tries the TOP_P_FIRST largest logits, then a bracket estimated from
 # every SAMPLE_STRIDE-th weight.
@@ -389,6 +391,12 @@ def _truncate(e: np.ndarray, x: np.ndarray, t: float, ws: Optional[Workspace] = 
     x: the logits behind e (equal weights are ordered as the reference's stable sort orders them: logit desc, then
     id). pos: when given, the sorted positions of e holding the cut; every weight above them counts in `above` and
     every one below them is zero already."""
+    if pos is None and len(e) <= NP_ORDER:  # the reference's own rule: the shortest prefix of that order reaching t
+        order = np.argsort(-x, kind="stable")
+        c = np.cumsum(e[order])
+        n = min(int(np.searchsorted(c, t)) + 1, len(e))  # rounding: all
+        e[order[n:]] = 0
+        return float(c[n - 1])
     sub = e if pos is None else e[pos]
     w, A = _cut(sub, t, ws, above)
     ties = np.flatnonzero(sub == w)
@@ -417,10 +425,15 @@ def _group_top(x: np.ndarray, gm: np.ndarray, k: int) -> np.ndarray:
     are every group holding one), so the k-th largest of theirs and of the tail (not in a group) is x's."""
     L = len(gm)
     rows = L * np.arange(GROUPS)[:, None]
-    tail = np.arange(GROUPS * L, len(x))
-    cand = np.concatenate([(rows + np.argpartition(gm, L - k)[L - k :]).ravel(), tail])
+    tail = np.arange(GROUPS * L, len(x)) if len(x) > GROUPS * L else None
+
+    def members(groups):
+        ids = (rows + groups).ravel()
+        return ids if tail is None else np.concatenate([ids, tail])
+
+    cand = members(np.argpartition(gm, L - k)[L - k :])
     kth = np.partition(x[cand], len(cand) - k)[len(cand) - k]
-    ids = np.concatenate([(rows + np.flatnonzero(gm >= kth)).ravel(), tail])
+    ids = members(np.flatnonzero(gm >= kth))
     ids = ids[x[ids] >= kth]
     ids.sort()
     return ids
@@ -441,17 +454,15 @@ class Row:
     def __init__(self, x: np.ndarray, params: SamplingParams, ws: Optional[Workspace] = None):
         V, T, k = x.shape[0], params.temperature, params.top_k
         self.ws, self.ids = ws, None
-        grouped = V >= GROUPED and 0 < k and k * GROUPS * 8 <= V  # top-k through the group maxima
-        gm = _group_max(x) if grouped else None
-        m = np.float32(x.max() if gm is None else max(gm.max(), x[GROUPS * len(gm):].max(initial=-np.inf)))
         if 0 < k < V:
-            if grouped:
-                self.ids = _group_top(x, gm, k)
+            if V >= GROUPED and k * GROUPS * 8 <= V:  # through the group maxima
+                self.ids = _group_top(x, _group_max(x), k)
             else:
                 part = _copy(x, ws, "scratch")
                 part.partition(V - k)
                 self.ids = np.flatnonzero(x >= part[V - k])  # ties with the k-th stay, as in the reference
             x = x[self.ids]
+        m = np.float32(x.max())
         self.e = e = self._weights(x, m, T)
         Z = e.sum(dtype=np.float64)
         self.mass, self.nucleus = Z, params.top_p < 1
