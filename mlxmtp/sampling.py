@@ -21,10 +21,11 @@ n-th largest probability, n = min{n : top-n mass >= top_p}) plus the first of th
 (the reference's stable sort). numpy looks for tau among candidates, each checked exactly: the 64 largest logits
 (through strided group maxima) when they may hold the mass, else the ids in a bracket of weights estimated from a
 sorted sample of every 16th; when both miss, a mass-weighted quickselect over the vocabulary (np.partition on a
-shrinking working set, float64 sums, O(V) expected). The mlx backend tries the CANDIDATES largest logits first (ordered pairwise) and
-otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host synchronisation). Residual
-tolerance: weights are float32 (numpy sums them in float64, the device in float32 blocks), so an id whose mass
-before it lies within ~1e-5 of top_p may fall on the other side of the cut (tests/test_sampling.py near_the_cut).
+shrinking working set, float64 sums, O(V) expected). The mlx backend tries the CANDIDATES largest logits first
+(ordered pairwise) and otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host
+synchronisation). Residual tolerance: weights are float32 (numpy sums them in float64, the device in float32
+blocks), so an id whose mass before it lies within ~1e-5 of top_p may fall on the other side of the cut
+(tests/test_sampling.py near_the_cut).
 """
 
 from __future__ import annotations
@@ -486,6 +487,7 @@ class Row:
         self.mass = mass
 
     def _weights(self, x: np.ndarray, m: np.float32, T: float) -> np.ndarray:
+        """exp((x - m) / T): float64 on a small set, else float32 (in the workspace's buffer when there is one)."""
         if len(x) <= SMALL:
             return np.exp((x.astype(np.float64) - float(m)) / T)
         e = np.subtract(x, m, dtype=np.float32, out=None if self.ws is None else self.ws.get("e", x))
