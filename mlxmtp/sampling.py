@@ -379,10 +379,11 @@ def _cut(e: np.ndarray, t: float, ws: Optional[Workspace] = None, above: float =
             a = low[low != pivot] if n_eq else low
         split = len(a) // 2
     # Sorted ascending, the cut is where the cumulative mass passes what top-p leaves out, above + mass - t: the
-    # inverse CDF there (np_draw's sums by blocks; a cumsum over the set costs 2x its sort). Rounding: the largest.
+    # inverse CDF there. Rounding: the largest.
     s = np.sort(a)
-    mass = s.sum(dtype=np.float64)
-    w = s[np_draw(s, (above + mass - t) / mass)] if mass > 0 else s[-1]
+    c = np.cumsum(s, dtype=np.float64)
+    i = int(np.searchsorted(c, above + c[-1] - t, side="right"))
+    w = s[min(i, len(s) - 1)]
     return w, above + s[np.searchsorted(s, w, side="right") :].sum(dtype=np.float64)
 
 
@@ -406,10 +407,10 @@ def _truncate(e: np.ndarray, x: np.ndarray, t: float, ws: Optional[Workspace] = 
     n = int(min(max(math.ceil((t - A) / float(w)), 1), len(ties))) if w > 0 else len(ties)
     if pos is None:
         np.multiply(e, e >= w, out=e)
-        e[ties[n:]] = 0
     else:
         e[pos[sub < w]] = 0
-        e[pos[ties[n:]]] = 0
+    if n < len(ties):
+        e[ties[n:] if pos is None else pos[ties[n:]]] = 0
     return A + n * float(w)
 
 
@@ -511,10 +512,11 @@ class Row:
         sd = S * math.sqrt(float(np.dot(a[:j], a[:j])))  # sampling len(e) / S ids: Var <= S^2 sum(a^2) below
         jl, jh = int(np.searchsorted(c, out - 4 * sd)) - 1, int(np.searchsorted(c, out + 4 * sd)) + 1
         lo, hi = (a[jl] if jl > 0 else 0), (a[jh] if jh < len(a) else np.inf)
+        inside = e >= lo
         if lo > 0:
-            np.multiply(e, e >= lo, out=e)
+            np.multiply(e, inside, out=e)
         total = e.sum(dtype=np.float64)  # mass(e >= lo)
-        mid = np.flatnonzero((e <= hi) & (e > 0))
+        mid = np.flatnonzero(inside & (e <= hi))
         above = total - e[mid].sum(dtype=np.float64)  # mass(e > hi)
         if not above < t <= total:
             return None
