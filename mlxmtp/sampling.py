@@ -325,8 +325,14 @@ class Dist:
     def at(self, tokens: np.ndarray) -> np.ndarray:
         if self.ids is None:
             return self.w[tokens]
-        pos = np.minimum(np.searchsorted(self.ids, tokens), len(self.ids) - 1)
-        return np.where(self.ids[pos] == tokens, self.w[pos], 0.0)
+        pos, hit = _lookup(self.ids, tokens)
+        return np.where(hit, self.w[pos], 0.0)
+
+
+def _lookup(ids: np.ndarray, tokens: np.ndarray):
+    """(positions, found): where each token is, or would be, in the sorted ids, and whether it is there."""
+    pos = np.minimum(np.searchsorted(ids, tokens), len(ids) - 1)
+    return pos, ids[pos] == tokens
 
 
 class Workspace:
@@ -526,8 +532,8 @@ class Row:
         tokens = np.asarray(tokens)
         if self.ids is None:
             return self.e[tokens] / self.mass
-        pos = np.minimum(np.searchsorted(self.ids, tokens), len(self.ids) - 1)
-        return np.where(self.ids[pos] == tokens, self.e[pos] / self.mass, 0.0)
+        pos, hit = _lookup(self.ids, tokens)
+        return np.where(hit, self.e[pos] / self.mass, 0.0)
 
     def sample(self, u: float) -> int:
         """The id at u of the distribution's inverse CDF (ids in order)."""
@@ -540,8 +546,7 @@ class Row:
         unnormalised, for sample()."""
         pos, qw = q.ids, q.w
         if self.ids is not None:
-            pos = np.minimum(np.searchsorted(self.ids, q.ids), len(self.ids) - 1)
-            hit = self.ids[pos] == q.ids
+            pos, hit = _lookup(self.ids, q.ids)
             pos, qw = pos[hit], qw[hit]
         old = self.e[pos].astype(np.float64)
         r = np.maximum(old - self.mass * qw, 0.0)
