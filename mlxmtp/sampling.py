@@ -23,9 +23,10 @@ n-th largest probability, n = min{n : top-n mass >= top_p}) plus the first of th
 sorted sample of every 16th; when both miss, a mass-weighted quickselect over the vocabulary (np.partition on a
 shrinking working set, float64 sums, O(V) expected). The mlx backend tries the CANDIDATES largest logits first
 (ordered pairwise) and otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host
-synchronisation). Residual tolerance: weights are float32 (numpy sums them in float64, the device in float32
-blocks), so an id whose mass before it lies within ~1e-5 of top_p may fall on the other side of the cut
-(tests/test_sampling.py near_the_cut).
+synchronisation); with top-k of at most CANDIDATES[0] the candidates always suffice (only ties at the k-th can lie
+outside them, and those are kept lower ids first). Residual tolerance: weights are float32 and summed in float32
+groups (numpy: strided groups of GROUPS, then float64; the device: blocks of BLOCK), so an id whose mass before it
+lies within ~1e-5 of top_p may fall on the other side of the cut (tests/test_sampling.py near_the_cut).
 """
 
 from __future__ import annotations
@@ -153,17 +154,25 @@ def _top_p_bisect(x: mx.array, p: mx.array, top_p: float) -> mx.array:
         reach = _sum(mx.where(key >= mid, p, 0.0)) >= top_p
         lo, hi = mx.where(reach, mid, lo), mx.where(reach, hi, mid - 1)
     above = (key > lo) & (p > 0)
-    tie = (key == lo) & (p > 0)
+    return above | _first_ties((key == lo) & (p > 0), p, _sum(mx.where(above, p, 0.0)), top_p, at_least=1)
+
+
+def _first_ties(tie: mx.array, p: mx.array, above: mx.array, top_p: float, at_least: int = 0) -> mx.array:
+    """Of the ids tied at a cut value (mask ``tie``, equal p), those top-p keeps when the ids before them hold the
+    mass ``above`` [N, 1]: lower ids first (the reference's stable sort), while the mass before one is below top_p
+    (and at least ``at_least``)."""
     p_tie = mx.where(tie, p, 0.0).max(-1, keepdims=True)
-    need = mx.ceil((top_p - _sum(mx.where(above, p, 0.0))) / mx.maximum(p_tie, 1e-38))
-    rank = mx.cumsum(tie.astype(mx.int32), axis=-1) - tie  # ties in id order, as the reference's stable sort
-    return above | (tie & (rank < mx.maximum(need, 1)))
+    need = mx.ceil((top_p - above) / mx.maximum(p_tie, 1e-38))
+    rank = mx.cumsum(tie.astype(mx.int32), axis=-1) - tie
+    return tie & (rank < mx.maximum(need, at_least))
 
 
 def mx_distribution(logits: mx.array, params: SamplingParams, n_cand: int):
     """[N, V] logits -> ([N, V] float32 final probabilities, [N] bool: whether the n_cand candidates held the top-p
     mass, i.e. the result is exact). n_cand >= V: exact (every id ordered pairwise up to CANDIDATES[0] ids, else
-    the bisection)."""
+    the bisection). With top-k of at most CANDIDATES[0] the result is exact whatever n_cand: every id above the
+    k-th largest logit is among the CANDIDATES[0] largest, so only ties at the k-th can lie outside them, and those
+    come last in the reference's order."""
     x = logits.astype(mx.float32)
     V = x.shape[-1]
     z = x / params.temperature
@@ -176,7 +185,10 @@ def mx_distribution(logits: mx.array, params: SamplingParams, n_cand: int):
     ok = mx.ones((x.shape[0],), dtype=mx.bool_)
     if params.top_p >= 1:
         return p, ok
-    if n_cand >= V > CANDIDATES[0]:
+    top_k_set = kth is not None and params.top_k <= CANDIDATES[0] < V
+    if top_k_set:
+        n_cand = CANDIDATES[0]
+    elif n_cand >= V > CANDIDATES[0]:
         p = mx.where(_top_p_bisect(x, p, params.top_p), p, 0.0)
         return p / _sum(p), ok
     if n_cand >= V:  # a small vocabulary: every id is a candidate
@@ -184,13 +196,18 @@ def mx_distribution(logits: mx.array, params: SamplingParams, n_cand: int):
     else:
         cand = mx.argpartition(-x, n_cand - 1, axis=-1)[:, :n_cand]
     xc, pc = mx.take_along_axis(x, cand, -1), mx.take_along_axis(p, cand, -1)
-    keep_c = _pairwise_keep(xc, cand, pc, params.top_p)
-    if n_cand < V:
+    keep_c, ties = _pairwise_keep(xc, cand, pc, params.top_p), None
+    if top_k_set:  # the pairwise rule is exact for the candidates above the k-th (nothing outside precedes them)
+        above = xc > kth
+        keep_c = keep_c & above
+        ties = _first_ties((x == kth) & (p > 0), p, mx.where(above, pc, 0.0).sum(-1, keepdims=True), params.top_p)
+    elif n_cand < V:
         vc = xc.min(-1, keepdims=True)  # the candidates hold every id with a larger logit
-        inside = mx.where(xc > vc, pc, 0.0).sum(-1) >= params.top_p
-        ok = inside if kth is None else inside | (vc < kth)[:, 0]
+        ok = mx.where(xc > vc, pc, 0.0).sum(-1) >= params.top_p
+        if kth is not None:
+            ok = ok | (vc < kth)[:, 0]
     keep = mx.put_along_axis(mx.zeros(x.shape, dtype=mx.bool_), cand, keep_c, -1)
-    p = mx.where(keep, p, 0.0)
+    p = mx.where(keep if ties is None else keep | ties, p, 0.0)
     return p / _sum(p), ok
 
 
@@ -242,10 +259,12 @@ class Proposal:
     def host(self) -> "Dist":
         """The evaluated q as a Dist with sorted ids (zero-copy reads; repeated ids merged)."""
         ids = np.asarray(memoryview(self.ids))[0]
-        w = np.asarray(memoryview(self.probs))[0]
-        u, inv = np.unique(ids, return_inverse=True)
-        w = np.bincount(inv, weights=w, minlength=len(u))
-        return Dist(u.astype(np.int64), w / w.sum())
+        order = np.argsort(ids)
+        ids, w = ids[order], np.asarray(memoryview(self.probs))[0][order].astype(np.float64)
+        if (ids[1:] == ids[:-1]).any():  # a padding id (top_ids), repeated
+            ids, inv = np.unique(ids, return_inverse=True)
+            w = np.bincount(inv, weights=w, minlength=len(ids))
+        return Dist(ids.astype(np.int64), w / w.sum())
 
 
 def mx_propose(logits: mx.array, params: SamplingParams, n: int, key: mx.array):
@@ -282,8 +301,8 @@ def compiled_acceptor(params: SamplingParams, n_cand: int, k: int):
     [k+1, V], key_u, key_r[, drafts [k], q [k, V]]) -> int32 [3 + k]: accepted count, next token, whether the
     candidates held the top-p mass, the drafts (k = 0: the next token of a plain round drawn from the last row).
     Compiled, a top-p round builds one graph call instead of the bisection's ~200 ops: the host's share of a plain
-    round with Qwen3's settings falls 4.4 -> 1.6 ms and its time 26 -> 16 ms on MLX's CPU back end at V = 151,936
-    (median of 30; the measurement and the host-time column of ``benchmarks/bench_overhead.py`` are in issue 8's
+    round with Qwen3's settings fell 4.4 -> 1.6 ms and its time 26 -> 16 ms on MLX's CPU back end at V = 151,936
+    (median of 30), and without the bisection (top-k 20: the candidates suffice) to 0.3 ms and 9 ms (issue 8's
     notes)."""
     def attempt(logits, key_u, key_r, *drafted):
         p, ok = mx_distribution(logits, params, n_cand)
@@ -343,20 +362,23 @@ class Workspace:
     def __init__(self):
         self._buffers: dict = {}
 
-    def get(self, name: str, like: np.ndarray) -> np.ndarray:
-        """A buffer of like's length and dtype (its contents undefined)."""
-        key = (name, like.dtype)
+    def get(self, name: str, like: np.ndarray, dtype=None) -> np.ndarray:
+        """A buffer of like's length and dtype (or ``dtype``), its contents undefined."""
+        key = (name, np.dtype(dtype or like.dtype))
         b = self._buffers.get(key)
         if b is None or len(b) < len(like):
-            b = self._buffers[key] = np.empty(len(like), dtype=like.dtype)
+            b = self._buffers[key] = np.empty(len(like), dtype=key[1])
         return b[: len(like)]
+
+
+def _buffer(ws: Optional[Workspace], name: str, like: np.ndarray, dtype=None) -> np.ndarray:
+    """ws's buffer ``name`` (like's length, dtype or like's), or a new array without a workspace."""
+    return np.empty(len(like), dtype=dtype or like.dtype) if ws is None else ws.get(name, like, dtype)
 
 
 def _copy(a: np.ndarray, ws: Optional[Workspace], name: str) -> np.ndarray:
     """A copy of a that is ours to reorder: in ws's buffer ``name`` when given."""
-    if ws is None:
-        return a.copy()
-    out = ws.get(name, a)
+    out = _buffer(ws, name, a)
     np.copyto(out, a)
     return out
 
@@ -427,6 +449,17 @@ def _group_max(x: np.ndarray) -> np.ndarray:
     return x[: GROUPS * L].reshape(GROUPS, L).max(0)
 
 
+def _group_sums(e: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
+    """float32 sums of _group_max's GROUPS strided groups, and last of the tail (0 when there is none): one
+    vectorised pass, a quarter of a float64 sum's time (each sum adds GROUPS float32 values: error <= GROUPS eps of
+    it, as the mlx backend's blocks of BLOCK)."""
+    L = len(e) // GROUPS
+    gs = _buffer(ws, "group sums", e[: L + 1])
+    np.add.reduce(e[: GROUPS * L].reshape(GROUPS, L), axis=0, out=gs[:L])
+    gs[L] = e[GROUPS * L :].sum()
+    return gs
+
+
 def _group_top(x: np.ndarray, gm: np.ndarray, k: int) -> np.ndarray:
     """The sorted ids of x's k largest values and of every value tied with the k-th, through the group maxima gm:
     the k groups with the largest maxima hold k values >= the k-th largest (either all their maxima are, or they
@@ -455,9 +488,9 @@ class Row:
     until the next Row built on them.
 
     At a vocabulary nothing is sorted or copied whole: top-k's set comes through strided group maxima (one pass),
-    and top-p looks for its cut among candidates first: the TOP_P_FIRST largest logits (found like top-k) when they
-    may hold the mass, else a bracket of weights estimated from a sorted strided sample; each is checked exactly, and
-    the full quickselect runs when both miss."""
+    sums and draws go through strided group sums (one float32 pass), and top-p looks for its cut among candidates
+    first: the TOP_P_FIRST largest logits (found like top-k) when they may hold the mass, else a bracket of weights
+    estimated from a sorted strided sample; each is checked exactly, and the full quickselect runs when both miss."""
 
     def __init__(self, x: np.ndarray, params: SamplingParams, ws: Optional[Workspace] = None):
         V, T, k = x.shape[0], params.temperature, params.top_k
@@ -472,11 +505,14 @@ class Row:
             x = x[self.ids]
         m = np.float32(x.max())
         self.e = e = self._weights(x, m, T)
-        Z = e.sum(dtype=np.float64)
+        # e's strided group sums while they are current (sets of GROUPED or more; None: to be redone)
+        self._gs = _group_sums(e, ws) if len(e) >= GROUPED else None
+        Z = self._total()
         self.mass, self.nucleus = Z, params.top_p < 1
         if not self.nucleus:
             return
         t = params.top_p * Z
+        self._gs = None  # the weights change below
         if len(e) <= SMALL:
             self.mass = _truncate(e, x, t)
             return
@@ -491,6 +527,7 @@ class Row:
         if mass is None:  # the estimate missed: the full quickselect on fresh weights
             self.e = e = self._weights(x, m, T)
             mass = _truncate(e, x, t, self.ws)
+        self._gs = None  # (_bracketed's predate the cut)
         self.mass = mass
 
     def _weights(self, x: np.ndarray, m: np.float32, T: float) -> np.ndarray:
@@ -501,6 +538,10 @@ class Row:
         e *= np.float32(1 / T)
         return np.exp(e, out=e)
 
+    def _total(self) -> float:
+        """The sum of the weights (float64; over the group sums when they are current)."""
+        return float((self.e if self._gs is None else self._gs).sum(dtype=np.float64))
+
     def _bracketed(self, x: np.ndarray, t: float) -> Optional[float]:
         """Top-p on the vocabulary through a bracket [lo, hi] of weights around the cut, read off a sorted sample of
         every SAMPLE_STRIDE-th weight: its running sums x SAMPLE_STRIDE estimate the mass at or below each weight,
@@ -508,9 +549,9 @@ class Row:
         above, which a few large weights dominate) the bracket spans 4 standard deviations of the estimate either
         side. Weights below lo are zeroed, the mass above hi is the rest's total minus the bracket's, and the
         quickselect runs on the bracket alone. None (weights partly zeroed) when the bracket does not hold the cut."""
-        e, S = self.e, SAMPLE_STRIDE
+        e, S, ws = self.e, SAMPLE_STRIDE, self.ws
         a = np.sort(e[::S])
-        c = S * np.cumsum(a, dtype=np.float64)
+        c = S * np.cumsum(a)  # float32: an estimate, which only places the bracket
         out = self.mass - t
         j = int(np.searchsorted(c, out))
         if j >= len(a):
@@ -518,15 +559,17 @@ class Row:
         sd = S * math.sqrt(float(np.dot(a[:j], a[:j])))  # sampling len(e) / S ids: Var <= S^2 sum(a^2) below
         jl, jh = int(np.searchsorted(c, out - 4 * sd)) - 1, int(np.searchsorted(c, out + 4 * sd)) + 1
         lo, hi = (a[jl] if jl > 0 else 0), (a[jh] if jh < len(a) else np.inf)
-        inside = e >= lo
+        inside = np.greater_equal(e, lo, out=_buffer(ws, "inside", e, bool))
         if lo > 0:
             np.multiply(e, inside, out=e)
-        total = e.sum(dtype=np.float64)  # mass(e >= lo)
-        mid = np.flatnonzero(inside & (e <= hi))
+        self._gs = _group_sums(e, ws)
+        total = self._total()  # mass(e >= lo)
+        band = np.less_equal(e, hi, out=_buffer(ws, "band", e, bool))
+        mid = np.flatnonzero(np.logical_and(band, inside, out=band))
         above = total - e[mid].sum(dtype=np.float64)  # mass(e > hi)
         if not above < t <= total:
             return None
-        return _truncate(e, x, t, self.ws, mid, above)
+        return _truncate(e, x, t, ws, mid, above)
 
     def at(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -536,8 +579,14 @@ class Row:
         return np.where(hit, self.e[pos] / self.mass, 0.0)
 
     def sample(self, u: float) -> int:
-        """The id at u of the distribution's inverse CDF (ids in order)."""
-        i = np_draw(self.e, u)
+        """The id at u of the distribution's inverse CDF (ids in order; sets of GROUPED or more in _grouped_draw's
+        order)."""
+        if len(self.e) >= GROUPED:
+            if self._gs is None:
+                self._gs = _group_sums(self.e, self.ws)
+            i = _grouped_draw(self.e, self._gs, u)
+        else:
+            i = np_draw(self.e, u)
         return i if self.ids is None else int(self.ids[i])
 
     def residual(self, q: Dist) -> "Row":
@@ -555,6 +604,7 @@ class Row:
             return self
         self.e[pos] = r
         self.mass = rest + r.sum()
+        self._gs = None
         return self
 
     def dist(self) -> Dist:
@@ -577,22 +627,36 @@ def _search(c: np.ndarray, u: float) -> int:
     return i if i < len(c) else int(np.searchsorted(c, c[-1]))
 
 
+def _draw_two_level(sums: np.ndarray, members, u: float) -> tuple:
+    """(group, index in it) at u of an inverse CDF over groups of weights: the group through the cumulative group
+    sums, then within its weights ``members(group)`` (float64 sums). Rounding never lands on an entry without
+    weight (zero weights may lie anywhere, e.g. outside a nucleus)."""
+    c = np.cumsum(sums, dtype=np.float64)
+    g = _search(c, u)
+    w = members(g)
+    cw = np.cumsum(w, dtype=np.float64)
+    i = int(min(np.searchsorted(cw, u * c[-1] - (c[g - 1] if g else 0.0), side="right"), len(w) - 1))
+    while w[i] <= 0 and i > 0:  # rounding at a group's end: step back to the last entry with weight
+        i -= 1
+    return g, i
+
+
 def np_draw(w: np.ndarray, u: float) -> int:
-    """Inverse CDF of unnormalised weights: block sums first, then within the block (float64 throughout). Rounding
-    never lands on an id without weight (zero weights may lie anywhere, e.g. outside a nucleus)."""
+    """Inverse CDF of unnormalised weights (ids in order): block sums first, then within the block."""
     if len(w) <= 4 * BLOCK:
         return _search(np.cumsum(w, dtype=np.float64), u)
     starts = np.arange(0, len(w), BLOCK)
-    c = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
-    t = u * c[-1]
-    b = _search(c, u)
-    block = w[starts[b] : starts[b] + BLOCK]
-    cb = np.cumsum(block, dtype=np.float64)
-    t -= c[b - 1] if b else 0.0
-    i = int(min(np.searchsorted(cb, t, side="right"), len(block) - 1))
-    while block[i] <= 0 and i > 0:  # rounding at a block's end: step back to the last id with weight
-        i -= 1
+    b, i = _draw_two_level(np.add.reduceat(w, starts, dtype=np.float64), lambda b: w[starts[b] : starts[b] + BLOCK], u)
     return int(starts[b]) + i
+
+
+def _grouped_draw(e: np.ndarray, gs: np.ndarray, u: float) -> int:
+    """Inverse CDF of weights e through their strided group sums gs (_group_sums): a group, then an id among its
+    members g, g + L, ..., g + (GROUPS - 1) L (the tail last). The ids come in that order rather than their own,
+    which changes which id a given u picks, not the distribution."""
+    L = len(gs) - 1
+    g, i = _draw_two_level(gs, lambda g: e[g : GROUPS * L : L] if g < L else e[GROUPS * L :], u)
+    return g + i * L if g < L else GROUPS * L + i
 
 
 def np_sample(d: Dist, u: float) -> int:
@@ -623,7 +687,7 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
         self.key = mx.random.key(seed % 2**63)
         self.draft_n = draft_n or DRAFT_N
-        # Plain rounds can be queued ahead: greedy, or on the device (top-p by the exact bisection, no widening).
+        # Plain rounds can be queued ahead: greedy, or on the device (exact at once: no widening in a queued round).
         self.pipelined = params.greedy or self.backend == "mlx"
         self.syncs = 0
         self.host_bytes = 0

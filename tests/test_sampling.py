@@ -59,7 +59,8 @@ def check_backends(x: np.ndarray, params: SamplingParams, atol=2e-6, rtol=1e-4):
     for n_cand in CANDIDATES + (V,):  # the candidate set (where it holds the top-p mass), then the bisection
         p, ok = mx_distribution(mx.array(x), params, n_cand)
         p, ok = np.array(p), np.array(ok)
-        assert ok.all() or n_cand < V
+        # top-k sets of at most CANDIDATES[0] are exact at once (no widening)
+        assert ok.all() or (n_cand < V and not 0 < params.top_k <= CANDIDATES[0] < V)
         bad = (np.abs(p - ref) > atol + r * ref) & ~cut & ok[:, None]
         assert not bad.any(), f"mlx, {params}, {n_cand} candidates: {np.argwhere(bad)[:3]}"
     ws = sampling.Workspace()
@@ -68,18 +69,31 @@ def check_backends(x: np.ndarray, params: SamplingParams, atol=2e-6, rtol=1e-4):
         d = dense(row.dist(), V)
         bad = (np.abs(d - ref[i]) > atol + r[i] * ref[i]) & ~cut[i]
         assert not bad.any(), f"numpy, {params}: {np.argwhere(bad)[:3]}"
-        np.testing.assert_allclose(row.at(np.arange(V)), d, rtol=1e-9, atol=1e-12)  # the lazy rule's p
+        # the lazy rule's p (its normaliser adds float32 group sums at a vocabulary, dist() renormalises in float64)
+        np.testing.assert_allclose(row.at(np.arange(V)), d, rtol=1e-5, atol=1e-12)
         in_ws = sampling.Row(x[i], params, ws)  # in the buffers the previous row used
         np.testing.assert_array_equal(dense(in_ws.dist(), V), d)
         check_inverse_cdf(in_ws, d)
 
 
+def draw_order(n: int) -> np.ndarray:
+    """The order of ids in which Row.sample inverts the CDF of a row of n entries: their own, or from GROUPED on,
+    strided group by strided group (ids g, g + L, g + 2L, ..., for g < L = n // GROUPS), then the tail."""
+    if n < sampling.GROUPED:
+        return np.arange(n)
+    L = n // sampling.GROUPS
+    return np.r_[np.arange(sampling.GROUPS * L).reshape(sampling.GROUPS, L).T.ravel(), sampling.GROUPS * L:n]
+
+
 def check_inverse_cdf(row: sampling.Row, d: np.ndarray, n: int = 200):
-    """Row.sample(u) is the inverse CDF of the row's distribution d (ids in order): u in the middle of an id's
-    interval gives that id (for up to n ids of the support, its ends included, those of probability > 1e-9: a
-    narrower interval is within the sums' rounding), and u next to 1 an id with weight."""
+    """Row.sample(u) is the inverse CDF of the row's distribution d (in draw_order over the row's set): u in the
+    middle of an id's interval gives that id (for up to n ids of the support, its ends included, those of
+    probability > 1e-9: a narrower interval is within the sums' rounding), and u next to 1 an id with weight."""
     ids = np.flatnonzero(d > 1e-9)
-    c = np.cumsum(d)
+    support = np.arange(len(d)) if row.ids is None else row.ids
+    order = support[draw_order(len(support))]
+    c = np.zeros(len(d))
+    c[order] = np.cumsum(d[order])
     pick = np.unique(np.concatenate([ids[[0, -1]], np.random.default_rng(1).choice(ids, min(n, len(ids)))]))
     for i in pick:
         assert row.sample(c[i] - d[i] / 2) == i
@@ -206,6 +220,22 @@ def test_quickselect_cut(n):
     assert sampling._cut(big, 1.5) == (1.0, 0.0)
 
 
+def test_top_k_ties_past_the_candidates():
+    """mlx backend, top-k of at most CANDIDATES[0]: 600 ids tied at the k-th largest logit, most of them outside the
+    candidates, are kept lower ids first as the reference keeps them, exactly, without widening or the bisection."""
+    V = 3000
+    rng = np.random.default_rng(8)
+    x = rng.uniform(-3, 0, (2, V)).astype(np.float32)
+    x[:, rng.choice(V, 600, replace=False)] = 1.0
+    x[0, :5] = 2.0 + np.arange(5)  # row 0: five ids above the tie group
+    for params in (SamplingParams(1.0, 0.4537, 20), SamplingParams(0.7, 0.9, 256), SamplingParams(1.0, 0.999, 3)):
+        assert np.array(mx_distribution(mx.array(x), params, CANDIDATES[0])[1]).all()
+        check_backends(x, params)
+    sampler = Sampler(SamplingParams(1.0, 0.4537, 20), seed=0, backend="mlx")
+    sampler.accept(None, [], mx.array(x[1:]))
+    assert (sampler.syncs, sampler.widened) == (1, 0)
+
+
 def test_candidate_widening():
     """Flat logits: the mlx backend's first candidates hold ~4% of the mass, so top-p 0.5 is redone by the exact
     bisection, in the same round and with the same uniforms."""
@@ -254,6 +284,8 @@ def test_top_ids_and_proposal(V):
     np.testing.assert_allclose(dense(d, V), q_ref, atol=1e-6)
     np.testing.assert_allclose(np.array(q.dense(V))[0], q_ref, atol=1e-6)
     assert chi2_p(draws, q_ref) > 1e-3
+    merged = sampling.Proposal(mx.array([[5, 2, 5, 9]]), mx.array([[0.3, 0.2, 0.0, 0.5]])).host()  # a repeated id
+    assert merged.ids.tolist() == [2, 5, 9] and np.allclose(merged.w, [0.2, 0.3, 0.5])
 
 
 def chi2_p(samples, probs):
