@@ -507,7 +507,7 @@ class Row:
         self.e = e = self._weights(x, m, T)
         # e's strided group sums while they are current (sets of GROUPED or more; None: to be redone)
         self._gs = _group_sums(e, ws) if len(e) >= GROUPED else None
-        Z = self._total()
+        Z = float((e if self._gs is None else self._gs).sum(dtype=np.float64))
         self.mass, self.nucleus = Z, params.top_p < 1
         if not self.nucleus:
             return
@@ -527,7 +527,6 @@ class Row:
         if mass is None:  # the estimate missed: the full quickselect on fresh weights
             self.e = e = self._weights(x, m, T)
             mass = _truncate(e, x, t, self.ws)
-        self._gs = None  # (_bracketed's predate the cut)
         self.mass = mass
 
     def _weights(self, x: np.ndarray, m: np.float32, T: float) -> np.ndarray:
@@ -537,10 +536,6 @@ class Row:
         e = np.subtract(x, m, dtype=np.float32, out=None if self.ws is None else self.ws.get("e", x))
         e *= np.float32(1 / T)
         return np.exp(e, out=e)
-
-    def _total(self) -> float:
-        """The sum of the weights (float64; over the group sums when they are current)."""
-        return float((self.e if self._gs is None else self._gs).sum(dtype=np.float64))
 
     def _bracketed(self, x: np.ndarray, t: float) -> Optional[float]:
         """Top-p on the vocabulary through a bracket [lo, hi] of weights around the cut, read off a sorted sample of
@@ -562,8 +557,7 @@ class Row:
         inside = np.greater_equal(e, lo, out=_buffer(ws, "inside", e, bool))
         if lo > 0:
             np.multiply(e, inside, out=e)
-        self._gs = _group_sums(e, ws)
-        total = self._total()  # mass(e >= lo)
+        total = float(_group_sums(e, ws).sum(dtype=np.float64))  # mass(e >= lo)
         band = np.less_equal(e, hi, out=_buffer(ws, "band", e, bool))
         mid = np.flatnonzero(np.logical_and(band, inside, out=band))
         above = total - e[mid].sum(dtype=np.float64)  # mass(e > hi)
