@@ -172,6 +172,11 @@ def sampler_ops(repeats: int) -> dict:
     xn = np.asarray(memoryview(x))[0]
     key = mx.random.key(0)
     q = sampling.Dist(np.arange(64), np.full(64, 1 / 64))  # a draft's sparse proposal
+    gen = np.random.default_rng(0)
+
+    def rejection(params):
+        row = sampling.Row(xn, params)
+        return row.accepts(5, 1 / 64, gen.random()) or row.draw_residual(q, gen)
     out = {"selection": paired({
         "mlx argmax (greedy)": lambda: mx.eval(mx.argmax(x, -1)),
         "mlx argpartition top-64": lambda: mx.eval(mx.argpartition(-x, 63, -1)[:, :64]),
@@ -187,8 +192,11 @@ def sampler_ops(repeats: int) -> dict:
         compiled = sampling.compiled_proposer(params, sampling.DRAFT_N)
         out[sname] = paired({
             "draft eager": eager, "draft compiled": lambda: mx.eval(compiled(x, key)),
-            "numpy p(d) (normaliser + top-p cut)": lambda: sampling.Row(xn, params).at([5]),
-            "numpy rejection: p(d), residual, draw": lambda: sampling.Row(xn, params).residual(q).sample(0.5),
+            "numpy p(d), the cut found (Row.at)": lambda: sampling.Row(xn, params).at([5]),
+            "numpy rejection, the cut found: p(d), residual, draw":
+                lambda: sampling.Row(xn, params).residual(q).sample(0.5),
+            "numpy plain draw as decoding does it (Row.draw)": lambda: sampling.Row(xn, params).draw(gen),
+            "numpy rejection as decoding does it (accepts, draw_residual)": lambda: rejection(params),
             "numpy reference sort (SamplingParams.distribution)": lambda: params.distribution(x),
         }, repeats)
     return out
@@ -209,7 +217,7 @@ def main() -> None:
         for group, ms in ops.items():
             print(f"\n{group}")
             for name, t in ms.items():
-                print(f"  {name:52s} {t:8.3f} ms")
+                print(f"  {name:62s} {t:8.3f} ms")
         args.out.write_text(json.dumps({"vocab": VOCAB, "sampler_ops_ms": ops}, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
         return

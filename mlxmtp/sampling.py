@@ -21,7 +21,10 @@ n-th largest probability, n = min{n : top-n mass >= top_p}) plus the first of th
 (the reference's stable sort). numpy looks for tau among candidates, each checked exactly: the 64 largest logits
 (through strided group maxima) when they may hold the mass, else the ids in a bracket of weights estimated from a
 sorted sample of every 16th; when both miss, a mass-weighted quickselect over the vocabulary (np.partition on a
-shrinking working set, float64 sums, O(V) expected). The mlx backend tries the CANDIDATES largest logits first
+shrinking working set, float64 sums, O(V) expected). A nucleus larger than the 64 largest logits is first left
+without its cut: decoding draws from it by rejection (an id drawn from the whole row is kept when the mass before it
+is below top_p, one BLAS dot), and decides acceptance tests from bounds on its mass; the cut is found only where a
+uniform falls between the bounds. The mlx backend tries the CANDIDATES largest logits first
 (ordered pairwise) and otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host
 synchronisation); with top-k of at most CANDIDATES[0] the candidates always suffice (only ties at the k-th can lie
 outside them, and those are kept lower ids first). Residual tolerance: weights are float32 and summed in float32
@@ -65,6 +68,9 @@ GROUPS = 128
 SMALL = 4096
 TOP_P_FIRST = 64
 SAMPLE_STRIDE = 16
+# ... and a larger nucleus is drawn from by rejection, its cut found only after this many rejected tries (or where an
+# acceptance test needs its exact mass).
+LAZY_TRIES = 8
 # Rows are sampled by inverse CDF over blocks of this many entries (float64 sums; exact up to rounding).
 BLOCK = 128
 
@@ -490,7 +496,11 @@ class Row:
     At a vocabulary nothing is sorted or copied whole: top-k's set comes through strided group maxima (one pass),
     sums and draws go through strided group sums (one float32 pass), and top-p looks for its cut among candidates
     first: the TOP_P_FIRST largest logits (found like top-k) when they may hold the mass, else a bracket of weights
-    estimated from a sorted strided sample; each is checked exactly, and the full quickselect runs when both miss."""
+    estimated from a sorted strided sample; each is checked exactly, and the full quickselect runs when both miss.
+
+    A nucleus of GROUPED or more ids that the first candidates do not hold is left lazy (``lazy``: e whole, the cut
+    not found): ``draw(rng)``, ``accepts(d, q(d), u)`` and ``draw_residual(q, rng)``, what decoding calls, decide
+    without the cut where they can (see _lazy_draw); ``at``, ``sample``, ``residual`` and ``dist`` find it first."""
 
     def __init__(self, x: np.ndarray, params: SamplingParams, ws: Optional[Workspace] = None):
         V, T, k = x.shape[0], params.temperature, params.top_k
@@ -508,11 +518,10 @@ class Row:
         # e's strided group sums while they are current (sets of GROUPED or more; None: to be redone)
         self._gs = _group_sums(e, ws) if len(e) >= GROUPED else None
         Z = float((e if self._gs is None else self._gs).sum(dtype=np.float64))
-        self.mass, self.nucleus = Z, params.top_p < 1
+        self.mass, self.nucleus, self.lazy = Z, params.top_p < 1, False
         if not self.nucleus:
             return
         t = params.top_p * Z
-        self._gs = None  # the weights change below
         if len(e) <= SMALL:
             self.mass = _truncate(e, x, t)
             return
@@ -520,14 +529,94 @@ class Row:
             ids = _group_top(x, _group_max(x), TOP_P_FIRST)
             ec = e[ids].astype(np.float64)
             if ec.sum() >= t:  # the cut is among them (and any id tied with their smallest comes after them)
-                self.ids, self.e = ids, ec
+                self.ids, self.e, self._gs = ids, ec, None
                 self.mass = _truncate(ec, x[ids], t)
                 return
+        if self._gs is not None:  # the cut waits until something needs it (_find_cut); e and its group sums stay whole
+            self.x, self.m, self.T, self.t, self.lazy = x, m, T, t, True
+            return
+        self.mass = self._truncated_mass(x, m, T, t)
+
+    def _truncated_mass(self, x: np.ndarray, m: np.float32, T: float, t: float) -> float:
+        """Zeroes e outside the nucleus (target mass t) and returns the nucleus's mass: through the bracket, else the
+        full quickselect on fresh weights."""
         mass = self._bracketed(x, t)
-        if mass is None:  # the estimate missed: the full quickselect on fresh weights
-            self.e = e = self._weights(x, m, T)
-            mass = _truncate(e, x, t, self.ws)
-        self.mass = mass
+        if mass is None:  # the estimate missed
+            self.e = self._weights(x, m, T)
+            mass = _truncate(self.e, x, t, self.ws)
+        return mass
+
+    def _find_cut(self) -> None:
+        """A lazy nucleus's cut, found now: e is zeroed outside the nucleus and ``mass`` becomes its mass."""
+        if self.lazy:
+            self.lazy, self._gs = False, None
+            self.mass = self._truncated_mass(self.x, self.m, self.T, self.t)
+
+    def _member(self, i: int) -> bool:
+        """Whether index i of a lazy nucleus's e is in the nucleus: whether the mass before it in the reference's
+        order (logit desc, then id) is below t. One compare and one BLAS dot over the row (their mass at or above
+        its logit); ties with it are counted only when they decide."""
+        x, e, xi, t = self.x, self.e, self.x[i], self.t
+        s = float(np.dot(e, np.greater_equal(x, xi, out=_buffer(self.ws, "at or above", e))))
+        ei = float(e[i])
+        if s - ei < t:  # even with every id tied with it before it
+            return True
+        n_eq = np.count_nonzero(x == xi)
+        return n_eq > 1 and s - (n_eq - np.count_nonzero(x[:i] == xi)) * ei < t
+
+    def _lazy_draw(self, rng, q: Optional[Dist] = None) -> Optional[int]:
+        """Rejection sampling (exact) for a lazy nucleus, its cut not needed: ids drawn from the whole row's weights
+        (its group sums are current) are kept when in the nucleus, and then, with a proposal q given, with
+        probability max(0, 1 - q(i) N / e[i]), so that the result follows norm(max(0, p - q)) (Leviathan et al.
+        2023). N, the nucleus's mass, lies in [t, t + e[i]) for i in the nucleus (the shortest prefix reaching t
+        overshoots it by less than its last weight, at most e[i]); a uniform between the two bounds is decided with
+        the cut. The index into e, or None after LAZY_TRIES rejected tries (or one decided with the cut): the caller
+        then draws afresh from the exact distribution, which leaves the result's distribution as it is."""
+        for _ in range(LAZY_TRIES):
+            i = _grouped_draw(self.e, self._gs, rng.random())
+            if not self._member(i):
+                continue
+            qi = 0.0 if q is None else float(q.at(np.array([self._id(i)]))[0])
+            if qi == 0.0:
+                return i
+            ei, v = float(self.e[i]), rng.random()
+            if v < 1 - qi * (self.t + ei) / ei:
+                return i
+            if v < 1 - qi * self.t / ei:  # between the bounds
+                self._find_cut()
+                ei = float(self.e[i])  # (0 if the cut's sums put i just outside)
+                return i if ei > 0 and v < 1 - qi * self.mass / ei else None
+        return None
+
+    def _id(self, i: int) -> int:
+        return i if self.ids is None else int(self.ids[i])
+
+    def accepts(self, d: int, qd: float, u: float) -> bool:
+        """The acceptance test u q(d) < p(d) for draft d (Leviathan et al. 2023). A lazy nucleus decides it without
+        its cut unless u q(d) falls between p(d)'s bounds e[d] / (t + e[d]) and e[d] / t (see _lazy_draw)."""
+        if self.lazy:
+            i = d
+            if self.ids is not None:
+                pos, hit = _lookup(self.ids, np.array([d]))
+                i = int(pos[0]) if hit[0] else -1
+            if i < 0 or not self._member(i):
+                return False  # p(d) = 0
+            ei, v = float(self.e[i]), u * qd
+            if v < ei / (self.t + ei):
+                return True
+            if v >= ei / self.t:
+                return False
+        return u * qd < self.at([d])[0]
+
+    def draw(self, rng) -> int:
+        """A token from the row's distribution, uniforms from rng (np.random.Generator)."""
+        i = self._lazy_draw(rng) if self.lazy else None
+        return self.sample(rng.random()) if i is None else self._id(i)
+
+    def draw_residual(self, q: Dist, rng) -> int:
+        """A token from norm(max(0, p - q)), p this row's distribution, after a rejected draft drawn from q."""
+        i = self._lazy_draw(rng, q) if self.lazy else None
+        return self.residual(q).sample(rng.random()) if i is None else self._id(i)
 
     def _weights(self, x: np.ndarray, m: np.float32, T: float) -> np.ndarray:
         """exp((x - m) / T): float64 on a small set, else float32 (in the workspace's buffer when there is one)."""
@@ -566,6 +655,7 @@ class Row:
         return _truncate(e, x, t, ws, mid, above)
 
     def at(self, tokens) -> np.ndarray:
+        self._find_cut()
         tokens = np.asarray(tokens)
         if self.ids is None:
             return self.e[tokens] / self.mass
@@ -575,6 +665,7 @@ class Row:
     def sample(self, u: float) -> int:
         """The id at u of the distribution's inverse CDF (ids in order; sets of GROUPED or more in _grouped_draw's
         order)."""
+        self._find_cut()
         if len(self.e) >= GROUPED:
             if self._gs is None:
                 self._gs = _group_sums(self.e, self.ws)
@@ -587,6 +678,7 @@ class Row:
         """This row, turned in place into norm(max(0, p - q)) (p itself when that is empty, as the reference
         implementations do): q is sparse (a Proposal's few ids), so only its entries change; the weights stay
         unnormalised, for sample()."""
+        self._find_cut()
         pos, qw = q.ids, q.w
         if self.ids is not None:
             pos, hit = _lookup(self.ids, q.ids)
@@ -602,6 +694,7 @@ class Row:
         return self
 
     def dist(self) -> Dist:
+        self._find_cut()
         if not self.nucleus:
             return Dist(self.ids, self.e / self.mass)
         pos = np.flatnonzero(self.e)
@@ -763,7 +856,7 @@ class Sampler:
         d, self._host_drafts = self._host_drafts[:k], []
         for i in range(k):  # p is computed only for the rows the rule reaches
             p, q = Row(x[i], self.params, self._ws), qs[i].host()
-            if self.rng.random() * q.at(np.array([d[i]]))[0] < p.at([d[i]])[0]:  # accept w.p. min(1, p/q)
+            if p.accepts(d[i], q.at(np.array([d[i]]))[0], self.rng.random()):  # w.p. min(1, p/q)
                 continue
-            return i, p.residual(q).sample(self.rng.random()), d
-        return k, Row(x[k], self.params, self._ws).sample(self.rng.random()), d
+            return i, p.draw_residual(q, self.rng), d
+        return k, Row(x[k], self.params, self._ws).draw(self.rng), d

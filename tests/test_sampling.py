@@ -196,6 +196,142 @@ def test_residual_in_place():
     np.testing.assert_allclose(dense(row.dist(), V), p, rtol=1e-6)
 
 
+class Uniforms:
+    """A stand-in for the sampler's np.random.Generator: the given uniforms, then seeded ones."""
+
+    def __init__(self, us, seed=0):
+        self.us, self.rng = list(us), np.random.default_rng(seed)
+
+    def random(self):
+        return self.us.pop(0) if self.us else self.rng.random()
+
+
+def lazy_rows():
+    """Rows whose top-p nucleus is too large for the first candidates, so Row leaves it lazy: flat logits and heavy
+    ties (the cut inside a tie group), on the vocabulary and on a large top-k set."""
+    V = 151_936
+    rng = np.random.default_rng(8)
+    for x in (rng.standard_normal(V).astype(np.float32), np.round(rng.standard_normal(V) * 2).astype(np.float32)):
+        for params in (SamplingParams(0.6, 0.95), SamplingParams(1.0, 0.5, 100_000)):
+            yield x, params, params.distribution(mx.array(x[None]))[0], near_the_cut(x[None], params)[0]
+
+
+def test_lazy_nucleus_membership():
+    """A lazy nucleus's membership test (mass before an id in the reference order below t) agrees with the
+    reference at ids across the row and at the ids tied with the cut's logit around where the cut falls among them
+    (lower ids first), except within float32 sums of the cut; none of it finds the cut."""
+    rng = np.random.default_rng(9)
+    for x, params, ref, cut in lazy_rows():
+        row = sampling.Row(x, params)
+        assert row.lazy
+        support = np.arange(len(x)) if row.ids is None else row.ids
+        tied = np.flatnonzero(x[support] == x[ref > 0].min())
+        n_in = np.count_nonzero(ref[support[tied]] > 0)
+        pick = np.unique(np.r_[rng.choice(len(support), 300, replace=False), tied[max(n_in - 40, 0) : n_in + 40]])
+        checked = [i for i in pick if not cut[support[i]]]
+        assert [row._member(i) for i in checked] == [bool(ref[support[i]] > 0) for i in checked]
+        assert 0 < sum(ref[support[checked]] > 0) < len(checked)
+        assert row.lazy
+
+
+def test_lazy_draws_reject_outside_the_nucleus():
+    """Row.draw on a lazy nucleus is rejection sampling from the whole row: a uniform whose id (the whole row's
+    inverse CDF, as an untruncated row draws it) lies outside the nucleus is passed over for the next; after
+    LAZY_TRIES such the cut is found and the exact inverse CDF draws."""
+    for x, params, ref, cut in lazy_rows():
+        whole = sampling.Row(x, SamplingParams(params.temperature, 1.0, params.top_k))
+        us = np.random.default_rng(10).random(400)
+        ids = np.array([whole.sample(u) for u in us])
+        inside, outside = us[(ref[ids] > 0) & ~cut[ids]], us[(ref[ids] == 0) & ~cut[ids]]
+        assert len(inside) and len(outside) >= 2
+        row = sampling.Row(x, params)
+        assert row.draw(Uniforms([outside[0], outside[1], inside[0]])) == whole.sample(inside[0]) and row.lazy
+        row = sampling.Row(x, params)
+        assert row.draw(Uniforms([outside[0]] * sampling.LAZY_TRIES + [0.3])) == sampling.Row(x, params).sample(0.3)
+        assert not row.lazy
+
+
+def test_lazy_acceptance_decisions():
+    """Row.accepts on a lazy nucleus: u q(d) < p(d) decided from p(d)'s bounds without the cut, and with it where
+    u q(d) lies between them, equal to the exact rule in both cases."""
+    rng = np.random.default_rng(11)
+    for x, params, ref, cut in lazy_rows():
+        exact = sampling.Row(x, params)
+        members = np.flatnonzero((ref > 0) & ~cut)
+        others = np.flatnonzero((ref == 0) & ~cut)
+        for d in np.r_[rng.choice(members, 3), others[:1]]:
+            p = float(exact.at([d])[0])
+            for qd in (0.5 * ref[d], 2 * ref[d], 1e-3):
+                for u in rng.random(5):
+                    row = sampling.Row(x, params)
+                    assert row.accepts(int(d), qd, u) == (u * qd < p) and row.lazy
+            if p > 0:  # u q(d) just below p(d): between the bounds, decided with the cut
+                row = sampling.Row(x, params)
+                assert row.accepts(int(d), p, 1 - 1e-9) and not row.lazy
+
+
+def test_lazy_residual_decisions():
+    """Row.draw_residual on a lazy nucleus: a draw i from the nucleus on q's support is kept with probability
+    1 - q(i) / p(i), decided from p(i)'s bounds, or with the cut when the uniform lies between them; a rejected try
+    is followed by the next."""
+    x, params, ref, cut = next(lazy_rows())
+    whole = sampling.Row(x, SamplingParams(params.temperature))
+    us = np.random.default_rng(13).random(50)
+    ids = np.array([whole.sample(u) for u in us])
+    (ui, i), (uj, j) = [(u, d) for u, d in zip(us, ids) if ref[d] > 0 and not cut[d]][:2]
+    p_i = float(sampling.Row(x, params).at([i])[0])
+    q = sampling.Dist(np.array([i]), np.array([0.5 * p_i]))  # keeps i with probability 1/2
+    for v, out, lazy in ((0.2, i, True), (0.8, j, True), (0.5 - 1e-9, i, False), (0.5 + 1e-9, None, False)):
+        row = sampling.Row(x, params)
+        drawn = row.draw_residual(q, Uniforms([ui, v, uj, 0.3]))
+        assert row.lazy == lazy
+        # rejected between the bounds: the exact residual draws afresh (the next uniform)
+        assert drawn == (out if out is not None else sampling.Row(x, params).residual(q).sample(uj))
+
+
+def test_acceptance_rule_on_a_lazy_nucleus(monkeypatch):
+    """The acceptance rule's output distribution (as in test_acceptance_rule_emits_the_target_distribution) at a
+    vocabulary where the numpy backend keeps both rows' nuclei lazy: the test, the residual's rejection sampling
+    and the bonus draw, with p and q overlapping on a head of 200 ids; counts in 20 bins of equal mass."""
+    V, runs = sampling.GROUPED, 2000
+    rng = np.random.default_rng(12)
+    p_logits = rng.standard_normal((2, V)).astype(np.float32)
+    p_logits[:, :200] += 6.0
+    q_logits = mx.array(p_logits[:1] + 0.3 * rng.standard_normal((1, V)).astype(np.float32))
+    params = SamplingParams(1.0, 0.9)
+    ref = params.distribution(mx.array(p_logits))
+    cuts, real = [], sampling.Row._find_cut
+
+    def spy(self):
+        cuts.append(self.lazy)
+        real(self)
+
+    monkeypatch.setattr(sampling.Row, "_find_cut", spy)
+    sampler = Sampler(params, seed=0, backend="numpy")
+    first, second, accepted = [], [], 0
+    for _ in range(runs):
+        tok, q = sampler.draft(q_logits)
+        n, nxt, d = sampler.accept(tok, [q], mx.array(p_logits))
+        first.append(d[0] if n else nxt)
+        if n:
+            second.append(nxt)
+        accepted += n
+    assert 0.1 * runs < accepted < 0.9 * runs
+    assert sum(cuts) < 0.05 * runs  # the cut was rarely needed
+    for drawn, p in ((first, ref[0]), (second, ref[1])):
+        assert binned_chi2_p(drawn, p, 20) > 1e-3
+
+
+def binned_chi2_p(samples, probs, bins):
+    """chi2_p over bins of about equal mass (ids by probability, descending)."""
+    order = np.argsort(-probs, kind="stable")
+    of = np.empty(len(probs), dtype=np.int64)
+    of[order] = np.minimum((np.cumsum(probs[order]) - probs[order]) * bins, bins - 1).astype(np.int64)
+    of[probs == 0] = bins  # a bin of its own, of probability 0
+    mass = np.bincount(of, weights=probs, minlength=bins + 1)
+    return chi2_p(of[np.asarray(samples)], mass)
+
+
 @pytest.mark.parametrize("n", [900, 5000, 60_000])
 def test_quickselect_cut(n):
     """_cut against a full sort: the cut inside the first candidates, past them, and on ties spanning a pivot."""
