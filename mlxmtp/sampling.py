@@ -263,14 +263,20 @@ class Proposal:
         return mx.zeros((1, V), dtype=mx.float32).at[mx.zeros_like(self.ids), self.ids].add(self.probs)
 
     def host(self) -> "Dist":
-        """The evaluated q as a Dist with sorted ids (zero-copy reads; repeated ids merged)."""
-        ids = np.asarray(memoryview(self.ids))[0]
-        order = np.argsort(ids)
-        ids, w = ids[order], np.asarray(memoryview(self.probs))[0][order].astype(np.float64)
-        if (ids[1:] == ids[:-1]).any():  # a padding id (top_ids), repeated
-            ids, inv = np.unique(ids, return_inverse=True)
-            w = np.bincount(inv, weights=w, minlength=len(ids))
-        return Dist(ids.astype(np.int64), w / w.sum())
+        """The evaluated q as a Dist with sorted ids (zero-copy reads; repeated ids merged). Sorted as Python lists
+        (64 entries): numpy's sorts allocate buffers, and here the first allocation of 1 KiB or more after a model's
+        evaluation costs 0.1-0.3 ms (_group_cumsums)."""
+        ids = np.asarray(memoryview(self.ids))[0].tolist()
+        probs = np.asarray(memoryview(self.probs))[0].tolist()
+        out_ids, out_w = [], []
+        for j in sorted(range(len(ids)), key=ids.__getitem__):
+            if out_ids and ids[j] == out_ids[-1]:  # a padding id (top_ids), repeated with probability 0
+                out_w[-1] += probs[j]
+            else:
+                out_ids.append(ids[j])
+                out_w.append(probs[j])
+        w = np.array(out_w)
+        return Dist(np.array(out_ids, dtype=np.int64), w / w.sum())
 
 
 def mx_propose(logits: mx.array, params: SamplingParams, n: int, key: mx.array):
@@ -351,7 +357,7 @@ class Dist:
         if self.ids is None:
             return self.w[tokens]
         pos, hit = _lookup(self.ids, tokens)
-        return np.where(hit, self.w[pos], 0.0)
+        return self.w[pos] * hit  # (np.where with a scalar allocates a buffer: see Proposal.host)
 
 
 def _lookup(ids: np.ndarray, tokens: np.ndarray):
@@ -455,15 +461,19 @@ def _group_max(x: np.ndarray) -> np.ndarray:
     return x[: GROUPS * L].reshape(GROUPS, L).max(0)
 
 
-def _group_sums(e: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
-    """float32 sums of _group_max's GROUPS strided groups, and last of the tail (0 when there is none): one
-    vectorised pass, a quarter of a float64 sum's time (each sum adds GROUPS float32 values: error <= GROUPS eps of
-    it, as the mlx backend's blocks of BLOCK)."""
+def _group_cumsums(e: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
+    """float64 running sums of the float32 sums of _group_max's GROUPS strided groups, the tail's (0 when there is
+    none) last, so that the last is e's total: one vectorised pass, a quarter of a float64 sum's time (each sum adds
+    GROUPS float32 values: error <= GROUPS eps of it, as the mlx backend's blocks of BLOCK). In ws's buffers nothing
+    is allocated: here the first allocation of 1 KiB or more after a model's evaluation costs 0.1-0.2 ms (glibc
+    then consolidates the small blocks the freed graph left), so the decoding path allocates none."""
     L = len(e) // GROUPS
     gs = _buffer(ws, "group sums", e[: L + 1])
     np.add.reduce(e[: GROUPS * L].reshape(GROUPS, L), axis=0, out=gs[:L])
     gs[L] = e[GROUPS * L :].sum()
-    return gs
+    c = _buffer(ws, "group cumsums", gs, np.float64)
+    np.copyto(c, gs)
+    return np.cumsum(c, out=c)
 
 
 def _group_top(x: np.ndarray, gm: np.ndarray, k: int) -> np.ndarray:
@@ -515,9 +525,9 @@ class Row:
             x = x[self.ids]
         m = np.float32(x.max())
         self.e = e = self._weights(x, m, T)
-        # e's strided group sums while they are current (sets of GROUPED or more; None: to be redone)
-        self._gs = _group_sums(e, ws) if len(e) >= GROUPED else None
-        Z = float((e if self._gs is None else self._gs).sum(dtype=np.float64))
+        # the running sums of e's strided groups while they are current (sets of GROUPED or more; None: to be redone)
+        self._gc = _group_cumsums(e, ws) if len(e) >= GROUPED else None
+        Z = float(e.sum(dtype=np.float64) if self._gc is None else self._gc[-1])
         self.mass, self.nucleus, self.lazy = Z, params.top_p < 1, False
         if not self.nucleus:
             return
@@ -529,11 +539,12 @@ class Row:
             ids = _group_top(x, _group_max(x), TOP_P_FIRST)
             ec = e[ids].astype(np.float64)
             if ec.sum() >= t:  # the cut is among them (and any id tied with their smallest comes after them)
-                self.ids, self.e, self._gs = ids, ec, None
+                self.ids, self.e, self._gc = ids, ec, None
                 self.mass = _truncate(ec, x[ids], t)
                 return
-        if self._gs is not None:  # the cut waits until something needs it (_find_cut); e and its group sums stay whole
+        if self._gc is not None:  # the cut waits until something needs it (_find_cut); e and its group sums stay whole
             self.x, self.m, self.T, self.t, self.lazy = x, m, T, t, True
+            self._in_above, self._out_below = np.inf, -np.inf  # what _member has learnt: logits in and out
             return
         self.mass = self._truncated_mass(x, m, T, t)
 
@@ -549,20 +560,31 @@ class Row:
     def _find_cut(self) -> None:
         """A lazy nucleus's cut, found now: e is zeroed outside the nucleus and ``mass`` becomes its mass."""
         if self.lazy:
-            self.lazy, self._gs = False, None
+            self.lazy, self._gc = False, None
             self.mass = self._truncated_mass(self.x, self.m, self.T, self.t)
 
     def _member(self, i: int) -> bool:
         """Whether index i of a lazy nucleus's e is in the nucleus: whether the mass before it in the reference's
         order (logit desc, then id) is below t. One compare and one BLAS dot over the row (their mass at or above
-        its logit); ties with it are counted only when they decide."""
-        x, e, xi, t = self.x, self.e, self.x[i], self.t
-        s = float(np.dot(e, np.greater_equal(x, xi, out=_buffer(self.ws, "at or above", e))))
-        ei = float(e[i])
-        if s - ei < t:  # even with every id tied with it before it
-            return True
-        n_eq = np.count_nonzero(x == xi)
-        return n_eq > 1 and s - (n_eq - np.count_nonzero(x[:i] == xi)) * ei < t
+        its logit); ties with it are counted only when they decide. The mass before an id grows with its logit
+        falling, so an answer also settles every larger logit (in) or smaller one (out)."""
+        x, e, xi, t, ws = self.x, self.e, self.x[i], self.t, self.ws
+        if xi > self._in_above or xi < self._out_below:
+            return xi > self._in_above
+        mask = np.greater_equal(x, xi, out=_buffer(ws, "mask", x, bool))
+        ge = _buffer(ws, "mask as weights", e)
+        np.copyto(ge, mask)
+        s, ei = float(np.dot(e, ge)), float(e[i])  # the mass at or above x[i]
+        inside = s - ei < t  # even with every id tied with it before it
+        if not inside:
+            eq = np.equal(x, xi, out=mask)
+            n_eq = int(np.count_nonzero(eq))
+            inside = n_eq > 1 and s - (n_eq - int(np.count_nonzero(eq[:i]))) * ei < t
+        if inside:
+            self._in_above = min(self._in_above, xi)
+        else:
+            self._out_below = max(self._out_below, xi)
+        return inside
 
     def _lazy_draw(self, rng, q: Optional[Dist] = None) -> Optional[int]:
         """Rejection sampling (exact) for a lazy nucleus, its cut not needed: ids drawn from the whole row's weights
@@ -573,7 +595,7 @@ class Row:
         the cut. The index into e, or None after LAZY_TRIES rejected tries (or one decided with the cut): the caller
         then draws afresh from the exact distribution, which leaves the result's distribution as it is."""
         for _ in range(LAZY_TRIES):
-            i = _grouped_draw(self.e, self._gs, rng.random())
+            i = _grouped_draw(self.e, self._gc, rng.random(), self.ws)
             if not self._member(i):
                 continue
             qi = 0.0 if q is None else float(q.at(np.array([self._id(i)]))[0])
@@ -646,7 +668,7 @@ class Row:
         inside = np.greater_equal(e, lo, out=_buffer(ws, "inside", e, bool))
         if lo > 0:
             np.multiply(e, inside, out=e)
-        total = float(_group_sums(e, ws).sum(dtype=np.float64))  # mass(e >= lo)
+        total = float(_group_cumsums(e, ws)[-1])  # mass(e >= lo)
         band = np.less_equal(e, hi, out=_buffer(ws, "band", e, bool))
         mid = np.flatnonzero(np.logical_and(band, inside, out=band))
         above = total - e[mid].sum(dtype=np.float64)  # mass(e > hi)
@@ -660,16 +682,16 @@ class Row:
         if self.ids is None:
             return self.e[tokens] / self.mass
         pos, hit = _lookup(self.ids, tokens)
-        return np.where(hit, self.e[pos] / self.mass, 0.0)
+        return self.e[pos] / self.mass * hit
 
     def sample(self, u: float) -> int:
         """The id at u of the distribution's inverse CDF (ids in order; sets of GROUPED or more in _grouped_draw's
         order)."""
         self._find_cut()
         if len(self.e) >= GROUPED:
-            if self._gs is None:
-                self._gs = _group_sums(self.e, self.ws)
-            i = _grouped_draw(self.e, self._gs, u)
+            if self._gc is None:
+                self._gc = _group_cumsums(self.e, self.ws)
+            i = _grouped_draw(self.e, self._gc, u, self.ws)
         else:
             i = np_draw(self.e, u)
         return i if self.ids is None else int(self.ids[i])
@@ -690,7 +712,7 @@ class Row:
             return self
         self.e[pos] = r
         self.mass = rest + r.sum()
-        self._gs = None
+        self._gc = None
         return self
 
     def dist(self) -> Dist:
@@ -714,14 +736,15 @@ def _search(c: np.ndarray, u: float) -> int:
     return i if i < len(c) else int(np.searchsorted(c, c[-1]))
 
 
-def _draw_two_level(sums: np.ndarray, members, u: float) -> tuple:
+def _draw_two_level(c: np.ndarray, members, u: float, ws: Optional[Workspace] = None) -> tuple:
     """(group, index in it) at u of an inverse CDF over groups of weights: the group through the cumulative group
-    sums, then within its weights ``members(group)`` (float64 sums). Rounding never lands on an entry without
-    weight (zero weights may lie anywhere, e.g. outside a nucleus)."""
-    c = np.cumsum(sums, dtype=np.float64)
+    sums c (float64), then within its weights ``members(group)`` (float64 sums, in ws when given). Rounding never
+    lands on an entry without weight (zero weights may lie anywhere, e.g. outside a nucleus)."""
     g = _search(c, u)
     w = members(g)
-    cw = np.cumsum(w, dtype=np.float64)
+    cw = _buffer(ws, "group members", w, np.float64)
+    np.copyto(cw, w)
+    np.cumsum(cw, out=cw)
     i = int(min(np.searchsorted(cw, u * c[-1] - (c[g - 1] if g else 0.0), side="right"), len(w) - 1))
     while w[i] <= 0 and i > 0:  # rounding at a group's end: step back to the last entry with weight
         i -= 1
@@ -733,16 +756,17 @@ def np_draw(w: np.ndarray, u: float) -> int:
     if len(w) <= 4 * BLOCK:
         return _search(np.cumsum(w, dtype=np.float64), u)
     starts = np.arange(0, len(w), BLOCK)
-    b, i = _draw_two_level(np.add.reduceat(w, starts, dtype=np.float64), lambda b: w[starts[b] : starts[b] + BLOCK], u)
+    c = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
+    b, i = _draw_two_level(c, lambda b: w[starts[b] : starts[b] + BLOCK], u)
     return int(starts[b]) + i
 
 
-def _grouped_draw(e: np.ndarray, gs: np.ndarray, u: float) -> int:
-    """Inverse CDF of weights e through their strided group sums gs (_group_sums): a group, then an id among its
-    members g, g + L, ..., g + (GROUPS - 1) L (the tail last). The ids come in that order rather than their own,
-    which changes which id a given u picks, not the distribution."""
-    L = len(gs) - 1
-    g, i = _draw_two_level(gs, lambda g: e[g : GROUPS * L : L] if g < L else e[GROUPS * L :], u)
+def _grouped_draw(e: np.ndarray, gc: np.ndarray, u: float, ws: Optional[Workspace] = None) -> int:
+    """Inverse CDF of weights e through their strided groups' running sums gc (_group_cumsums): a group, then an id
+    among its members g, g + L, ..., g + (GROUPS - 1) L (the tail last). The ids come in that order rather than
+    their own, which changes which id a given u picks, not the distribution."""
+    L = len(gc) - 1
+    g, i = _draw_two_level(gc, lambda g: e[g : GROUPS * L : L] if g < L else e[GROUPS * L :], u, ws)
     return g + i * L if g < L else GROUPS * L + i
 
 
