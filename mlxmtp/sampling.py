@@ -710,7 +710,7 @@ class Row:
         rest = self.mass - old.sum()  # p's mass off q's ids (exactly 0 only if every weight there is 0)
         if not r.any() and rest <= 1e-9 * self.mass and np.count_nonzero(self.e) == np.count_nonzero(old):
             return self
-        self.e[pos] = r
+        self.e[pos] = r.astype(self.e.dtype)  # (a scatter that casts allocates a buffer: see Proposal.host)
         self.mass = rest + r.sum()
         self._gc = None
         return self
