@@ -28,8 +28,9 @@ uniform falls between the bounds. The mlx backend tries the CANDIDATES largest l
 (ordered pairwise) and otherwise bisects tau over the float32 order (32 fixed steps of a masked sum, no host
 synchronisation); with top-k of at most CANDIDATES[0] the candidates always suffice (only ties at the k-th can lie
 outside them, and those are kept lower ids first). Residual tolerance: weights are float32 and summed in float32
-groups (numpy: strided groups of GROUPS, then float64; the device: blocks of BLOCK), so an id whose mass before it
-lies within ~1e-5 of top_p may fall on the other side of the cut (tests/test_sampling.py near_the_cut).
+groups (numpy: strided groups of GROUPS, then float64, and a lazy nucleus's masses before an id by a float32 BLAS
+dot; the device: blocks of BLOCK), so an id whose mass before it lies within ~1e-5 of top_p may fall on the other
+side of the cut (tests/test_sampling.py near_the_cut).
 """
 
 from __future__ import annotations
@@ -465,7 +466,7 @@ def _group_cumsums(e: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
     """float64 running sums of the float32 sums of _group_max's GROUPS strided groups, the tail's (0 when there is
     none) last, so that the last is e's total: one vectorised pass, a quarter of a float64 sum's time (each sum adds
     GROUPS float32 values: error <= GROUPS eps of it, as the mlx backend's blocks of BLOCK). In ws's buffers nothing
-    is allocated: here the first allocation of 1 KiB or more after a model's evaluation costs 0.1-0.2 ms (glibc
+    is allocated: here the first allocation of 1 KiB or more after a model's evaluation costs 0.1-0.3 ms (glibc
     then consolidates the small blocks the freed graph left), so the decoding path allocates none."""
     L = len(e) // GROUPS
     gs = _buffer(ws, "group sums", e[: L + 1])
