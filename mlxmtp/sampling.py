@@ -622,13 +622,13 @@ class Row:
             if self.ids is not None:
                 pos, hit = _lookup(self.ids, np.array([d]))
                 i = int(pos[0]) if hit[0] else -1
-            if i < 0 or not self._member(i):
+            ei, v = (float(self.e[i]) if i >= 0 else 0.0), u * qd
+            if v >= ei / self.t:  # above p(d)'s upper bound, whether d is in the nucleus or not
+                return False
+            if not self._member(i):
                 return False  # p(d) = 0
-            ei, v = float(self.e[i]), u * qd
             if v < ei / (self.t + ei):
                 return True
-            if v >= ei / self.t:
-                return False
         return u * qd < self.at([d])[0]
 
     def draw(self, rng) -> int:
