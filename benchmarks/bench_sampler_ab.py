@@ -3,13 +3,14 @@
 
 bench_overhead.py's host overhead is a difference of two medians taken in separate blocks of rounds; on a shared
 2-core machine it moves by +-0.5 ms from run to run, more than a sampler change is worth. Here two generations
-decode the same prompt on the same stand-in (bench_overhead's "small", V = 151,936), one with this checkout's
-``Sampler`` and one with ``mlxmtp/sampling.py`` as it was at REV (loaded from git), their rounds interleaved: each
-pair of rounds runs under the same load, and the median of the paired differences of host time (the calling
-thread's CPU time, as in bench_overhead) is the change. Random weights accept almost no drafts, so a round with
-k > 0 is one rejection: p at the first draft, the residual, a draw.
+decode the same prompt on the same stand-in (bench_overhead's "small", or "qwen27b" with --model; V = 151,936), one
+with this checkout's ``Sampler`` and one with ``mlxmtp/sampling.py`` as it was at REV (loaded from git), their
+rounds interleaved: each pair of rounds runs under the same load, and the median of the paired differences of host
+time (the calling thread's CPU time, as in bench_overhead) is the change. Random weights accept almost no drafts,
+so a round with k > 0 is one rejection: p at the first draft, the residual, a draw.
 
     python benchmarks/bench_sampler_ab.py --rev 240eba2 --rounds 60 --out bench_sampler_ab.json
+    python benchmarks/bench_sampler_ab.py --rev 240eba2 --model qwen27b --max-k 1 --rounds 30
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ def main() -> None:
     ap.add_argument("--rev", required=True, help="the git revision whose sampler is the baseline")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--max-k", type=int, default=2)
+    ap.add_argument("--model", default="small", choices=list(bench_overhead.MODELS), help="bench_overhead's stand-in")
     ap.add_argument("--out", type=Path, default=Path("bench_sampler_ab.json"))
     args = ap.parse_args()
     modules = {"this": sampling, args.rev: sampler_at(args.rev)}
-    model = bench_overhead.build("small")
+    model = bench_overhead.build(args.model)
     prompt = [int(t) for t in np.random.default_rng(0).integers(1, bench_overhead.VOCAB, 32)]
     rows = []
     print(f"host ms per round (median), this checkout vs {args.rev}, paired rounds")
@@ -88,7 +90,8 @@ def main() -> None:
             rows.append(r)
             print(f"{sname:22s} k={k}  this {r['this_host_ms']:6.2f}  {args.rev} {r[f'{args.rev}_host_ms']:6.2f}  "
                   f"paired difference {r['paired_diff_ms']:+6.2f}")
-    args.out.write_text(json.dumps({"vocab": bench_overhead.VOCAB, "rev": args.rev, "rounds": rows}, indent=1))
+    args.out.write_text(json.dumps({"vocab": bench_overhead.VOCAB, "model": args.model, "rev": args.rev,
+                                    "rounds": rows}, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
