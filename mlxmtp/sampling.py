@@ -566,8 +566,8 @@ class Row:
 
     def _member(self, i: int) -> bool:
         """Whether index i of a lazy nucleus's e is in the nucleus: whether the mass before it in the reference's
-        order (logit desc, then id) is below t. One compare and one BLAS dot over the row (their mass at or above
-        its logit); ties with it are counted only when they decide. The mass before an id grows with its logit
+        order (logit desc, then id) is below t. One compare over the row (its mask copied into a float32 buffer) and
+        one BLAS dot (the mass at or above its logit); ties with it are counted only when they decide. The mass before an id grows with its logit
         falling, so an answer also settles every larger logit (in) or smaller one (out)."""
         x, e, xi, t, ws = self.x, self.e, self.x[i], self.t, self.ws
         if xi > self._in_above or xi < self._out_below:
