@@ -61,6 +61,10 @@ NP_CANDIDATES = 512
 NP_SORT = 16384
 # ... and sets of up to NP_ORDER ids (a top-k set, the first candidates) are put in the reference's order whole.
 NP_ORDER = 512
+# ... and sets of up to FEW ids (a top-k set, the largest logits) in Python: numpy's sorts and partitions allocate
+# buffers, which cost 0.1-0.3 ms right after a model's evaluation (_group_cumsums), and FEW int64 ids stay under
+# glibc's 1,008-byte small requests, which do not.
+FEW = 120
 # numpy backend at a vocabulary (rows of at least GROUPED ids; sets of up to SMALL ids are handled whole, in float64):
 # strided group maxima over GROUPS groups; top-p tries the TOP_P_FIRST largest logits, then a bracket estimated from
 # every SAMPLE_STRIDE-th weight.
@@ -434,7 +438,17 @@ def _truncate(e: np.ndarray, x: np.ndarray, t: float, ws: Optional[Workspace] = 
     x: the logits behind e (equal weights are ordered as the reference's stable sort orders them: logit desc, then
     id). pos: when given, the sorted positions of e holding the cut; every weight above them counts in `above` and
     every one below them is zero already."""
-    if pos is None and len(e) <= NP_ORDER:  # the reference's own rule: the shortest prefix of that order reaching t
+    if pos is None and len(e) <= FEW:  # the reference's own rule, in Python (numpy's sorts allocate buffers)
+        xs, es = x.tolist(), e.tolist()
+        order = sorted(range(len(xs)), key=lambda j: -xs[j])  # stable: equal logits by id
+        c = 0.0
+        for n, j in enumerate(order, 1):  # the shortest prefix of that order reaching t (rounding: all)
+            c += es[j]
+            if c >= t:
+                break
+        e[order[n:]] = 0
+        return c
+    if pos is None and len(e) <= NP_ORDER:  # ... in numpy
         order = np.argsort(-x, kind="stable")
         c = np.cumsum(e[order])
         n = min(int(np.searchsorted(c, t)) + 1, len(e))  # rounding: all
@@ -455,11 +469,11 @@ def _truncate(e: np.ndarray, x: np.ndarray, t: float, ws: Optional[Workspace] = 
     return A + n * float(w)
 
 
-def _group_max(x: np.ndarray) -> np.ndarray:
+def _group_max(x: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
     """Maxima of the GROUPS strided groups of x's first GROUPS * (len(x) // GROUPS) entries: gm[c] = max(x[c::L]),
     L = len(gm). One vectorised pass (a max over rows; contiguous blocks' maxima cost ~6x more in numpy)."""
     L = len(x) // GROUPS
-    return x[: GROUPS * L].reshape(GROUPS, L).max(0)
+    return np.maximum.reduce(x[: GROUPS * L].reshape(GROUPS, L), axis=0, out=_buffer(ws, "group maxima", x[:L]))
 
 
 def _group_cumsums(e: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
@@ -477,24 +491,48 @@ def _group_cumsums(e: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
     return np.cumsum(c, out=c)
 
 
-def _group_top(x: np.ndarray, gm: np.ndarray, k: int) -> np.ndarray:
-    """The sorted ids of x's k largest values and of every value tied with the k-th, through the group maxima gm:
-    the k groups with the largest maxima hold k values >= the k-th largest (either all their maxima are, or they
-    are every group holding one), so the k-th largest of theirs and of the tail (not in a group) is x's."""
-    L = len(gm)
-    rows = L * np.arange(GROUPS)[:, None]
-    tail = np.arange(GROUPS * L, len(x)) if len(x) > GROUPS * L else None
+def _group_top(x: np.ndarray, k: int, ws: Optional[Workspace] = None) -> np.ndarray:
+    """The sorted ids of x's k largest values and of every value tied with the k-th, without a numpy sort or
+    partition (they allocate buffers: _group_cumsums). Through the strided group maxima: k groups whose maxima are
+    >= v hold k values >= v, so x's k-th largest is >= v, and every value that large lies in a group whose maximum
+    is >= v. A bisection over the maxima finds such a v with few groups above it, one compare over the row gathers
+    the values >= v (the tail past the groups included), and the k-th largest among them is x's."""
+    v = _key_value(_at_least(_order_keys(_group_max(x, ws), ws), k, k + k // 4 + 1, ws))
+    ids = np.flatnonzero(np.greater_equal(x, v, out=_buffer(ws, "mask", x, bool)))
+    vals = x[ids]
+    kth = sorted(vals.tolist())[-k] if len(ids) <= FEW else np.partition(vals, len(vals) - k)[len(vals) - k]
+    return ids[vals >= kth]
 
-    def members(groups):
-        ids = (rows + groups).ravel()
-        return ids if tail is None else np.concatenate([ids, tail])
 
-    cand = members(np.argpartition(gm, L - k)[L - k :])
-    kth = np.partition(x[cand], len(cand) - k)[len(cand) - k]
-    ids = members(np.flatnonzero(gm >= kth))
-    ids = ids[x[ids] >= kth]
-    ids.sort()
-    return ids
+def _order_keys(a: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
+    """int32 keys ordered as a's float32 values (IEEE bits, negatives' magnitude bits flipped; -0 made +0), in ws."""
+    keys, flip = _buffer(ws, "keys", a, np.int32), _buffer(ws, "key flips", a, np.int32)
+    np.add(a, np.float32(0), out=keys.view(np.float32))
+    np.right_shift(keys, 31, out=flip)  # -1 where negative, else 0 (a ufunc's where= allocates)
+    np.bitwise_and(flip, 0x7FFFFFFF, out=flip)
+    return np.bitwise_xor(keys, flip, out=keys)
+
+
+def _key_value(s: int) -> np.float32:
+    """The float32 value whose _order_keys key is s."""
+    return np.int32(s ^ 0x7FFFFFFF if s < 0 else s).view(np.float32)
+
+
+def _at_least(keys: np.ndarray, k: int, few: int, ws: Optional[Workspace] = None) -> int:
+    """A key s with at least k keys >= s (len(keys) >= k), and at most ``few`` where ties allow: bisection between
+    the smallest and the largest key (each step one compare and one count; at most 32 steps)."""
+    mask = _buffer(ws, "bisection", keys, bool)
+    lo, hi, n_lo = int(keys.min()), int(keys.max()), len(keys)  # count(>= lo) >= k > count(>= hi + 1)
+    if np.count_nonzero(np.greater_equal(keys, hi, out=mask)) >= k:
+        return hi
+    while n_lo > few and hi - lo > 1:  # count(>= hi) < k
+        mid = (lo + hi) // 2
+        n = int(np.count_nonzero(np.greater_equal(keys, mid, out=mask)))
+        if n >= k:
+            lo, n_lo = mid, n
+        else:
+            hi = mid
+    return lo
 
 
 class Row:
@@ -518,7 +556,7 @@ class Row:
         self.ws, self.ids = ws, None
         if 0 < k < V:
             if V >= GROUPED and k * GROUPS * 8 <= V:  # through the group maxima
-                self.ids = _group_top(x, _group_max(x), k)
+                self.ids = _group_top(x, k, ws)
             else:
                 part = _copy(x, ws, "scratch")
                 part.partition(V - k)
@@ -537,7 +575,7 @@ class Row:
             self.mass = _truncate(e, x, t)
             return
         if self.ids is None and V >= GROUPED and t <= TOP_P_FIRST:  # weights are <= 1: a larger t needs more ids
-            ids = _group_top(x, _group_max(x), TOP_P_FIRST)
+            ids = _group_top(x, TOP_P_FIRST, ws)
             ec = e[ids].astype(np.float64)
             if ec.sum() >= t:  # the cut is among them (and any id tied with their smallest comes after them)
                 self.ids, self.e, self._gc = ids, ec, None

@@ -100,7 +100,7 @@ def check_inverse_cdf(row: sampling.Row, d: np.ndarray, n: int = 200):
     assert d[row.sample(np.nextafter(1.0, 0.0))] > 0
 
 
-@pytest.mark.parametrize("V", [40, 3000])
+@pytest.mark.parametrize("V", [40, 300, 3000])  # a nucleus ordered in Python (<= FEW ids), by argsort, by quickselect
 def test_distributions_equal_reference(V):
     for x in logits_cases(V):
         for params in GRID:
@@ -150,6 +150,56 @@ def test_top_k_through_group_maxima():
             kth = np.sort(x)[-k]
             np.testing.assert_array_equal(row.ids, np.flatnonzero(x >= kth))
         check_backends(x[None], SamplingParams(0.7, 0.8, 20))
+
+
+def test_top_k_selection_without_a_sort():
+    """_group_top (bisection over the group maxima, no numpy sort) gives the ids of the k largest logits and their
+    ties: rows with -inf logits, signed zeros, heavy ties, the largest values in the tail past the groups or in one
+    group, vocabularies with and without a tail, and a k whose candidates exceed FEW (numpy's partition then)."""
+    rng = np.random.default_rng(12)
+    for V in (16_384, 16_384 + 77, 151_936):
+        L = V // sampling.GROUPS
+        base = rng.standard_normal(V).astype(np.float32) * 2
+        masked = base.copy()
+        masked[rng.choice(V, V // 2, replace=False)] = -np.inf
+        zeros = np.zeros(V, dtype=np.float32)
+        zeros[rng.choice(V, 50, replace=False)] = -0.0
+        zeros[rng.choice(V, 10, replace=False)] = 1.0
+        tail = base.copy()
+        tail[sampling.GROUPS * L :] += 20  # (no tail at 16,384 and 151,936: then the last group's ids)
+        one_group = base.copy()
+        one_group[3 + L * np.arange(40)] += 10
+        for x in (base, masked, zeros, np.round(base), tail, one_group, -np.abs(base) - 1):
+            for k in (1, 7, 20, 64, V // (8 * sampling.GROUPS)):
+                want = np.flatnonzero(x >= np.sort(x)[-k])
+                for ws in (None, sampling.Workspace()):
+                    np.testing.assert_array_equal(sampling._group_top(x, k, ws), want)
+
+
+def test_order_keys_and_bisection():
+    """_order_keys orders as the float32 values (negatives, signed zeros, infinities); _at_least finds a key with at
+    least k keys above it and at most `few` (distinct keys), or the k-th largest when ties hold more."""
+    rng = np.random.default_rng(13)
+    a = np.r_[rng.standard_normal(2000) * 50, -np.inf, np.inf, 0.0, -0.0, 1e-42, -1e-42].astype(np.float32)
+    keys = sampling._order_keys(a).copy()
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), np.argsort(a + 0.0, kind="stable"))
+    assert [sampling._key_value(int(s)) for s in keys[:5]] == list(a[:5])
+    for k, few in ((1, 1), (10, 12), (300, 400)):
+        n = np.count_nonzero(keys >= sampling._at_least(keys, k, few))
+        assert k <= n <= few
+    ties = sampling._order_keys(np.round(a / 50))
+    s = sampling._at_least(ties, 10, 12)
+    assert s == np.sort(ties)[-10]
+
+
+@pytest.mark.parametrize("n", [3, 300])  # ordered in Python (<= FEW ids), by argsort
+def test_truncate_keeps_the_shortest_prefix_reaching_top_p(n):
+    """_truncate's small sets: the reference's rule on exact binary weights, where the mass reaches top_p exactly
+    (the prefix that reaches it stops there) and ties are ordered by id."""
+    e, x = np.zeros(n), np.full(n, -10.0, dtype=np.float32)  # zero weights after the first three
+    e[:3], x[:3] = (0.25, 0.5, 0.25), (1.0, 2.0, 1.0)
+    assert sampling._truncate(e, x, 0.75) == 0.75
+    np.testing.assert_array_equal(e[:3], [0.25, 0.5, 0.0])
 
 
 def test_top_p_candidates_and_brackets(brackets):
