@@ -574,6 +574,7 @@ class Row:
         if len(e) <= SMALL:
             self.mass = _truncate(e, x, t)
             return
+        in_above = np.inf  # every logit above it is in the nucleus
         if self.ids is None and V >= GROUPED and t <= TOP_P_FIRST:  # weights are <= 1: a larger t needs more ids
             ids = _group_top(x, TOP_P_FIRST, ws)
             ec = e[ids].astype(np.float64)
@@ -581,9 +582,11 @@ class Row:
                 self.ids, self.e, self._gc = ids, ec, None
                 self.mass = _truncate(ec, x[ids], t)
                 return
+            # they hold less than t, ties with their smallest logit included: all of them are in the nucleus
+            in_above = np.nextafter(x[ids].min(), np.float32(-np.inf))
         if self._gc is not None:  # the cut waits until something needs it (_find_cut); e and its group sums stay whole
             self.x, self.m, self.T, self.t, self.lazy = x, m, T, t, True
-            self._in_above, self._out_below = np.inf, -np.inf  # what _member has learnt: logits in and out
+            self._in_above, self._out_below = in_above, -np.inf  # what _member has learnt: logits in and out
             return
         self.mass = self._truncated_mass(x, m, T, t)
 

@@ -258,12 +258,18 @@ class Uniforms:
 
 def lazy_rows():
     """Rows whose top-p nucleus is too large for the first candidates, so Row leaves it lazy: flat logits and heavy
-    ties (the cut inside a tie group), on the vocabulary and on a large top-k set."""
+    ties (the cut inside a tie group), on the vocabulary and on a large top-k set; and a peaked row whose nucleus of
+    ~85 ids the TOP_P_FIRST largest logits do not hold (those are then known to be in it)."""
     V = 151_936
     rng = np.random.default_rng(8)
     for x in (rng.standard_normal(V).astype(np.float32), np.round(rng.standard_normal(V) * 2).astype(np.float32)):
         for params in (SamplingParams(0.6, 0.95), SamplingParams(1.0, 0.5, 100_000)):
             yield x, params, params.distribution(mx.array(x[None]))[0], near_the_cut(x[None], params)[0]
+    x = rng.standard_normal(V).astype(np.float32)
+    top = rng.choice(V, 90, replace=False)
+    x[top] = np.r_[np.full(30, 9.0), 8.7 - np.linspace(0, 0.01, 60)]  # weights 1 and ~0.61 at T = 0.6
+    params = SamplingParams(0.6, 0.95)
+    yield x, params, params.distribution(mx.array(x[None]))[0], near_the_cut(x[None], params)[0]
 
 
 def test_lazy_nucleus_membership():
@@ -277,7 +283,9 @@ def test_lazy_nucleus_membership():
         support = np.arange(len(x)) if row.ids is None else row.ids
         tied = np.flatnonzero(x[support] == x[ref > 0].min())
         n_in = np.count_nonzero(ref[support[tied]] > 0)
-        pick = np.unique(np.r_[rng.choice(len(support), 300, replace=False), tied[max(n_in - 40, 0) : n_in + 40]])
+        largest = np.argsort(x[support])[-100:]
+        pick = np.unique(np.r_[rng.choice(len(support), 300, replace=False), tied[max(n_in - 40, 0) : n_in + 40],
+                               largest])
         checked = [i for i in pick if not cut[support[i]]]
         assert [row._member(i) for i in checked] == [bool(ref[support[i]] > 0) for i in checked]
         assert 0 < sum(ref[support[checked]] > 0) < len(checked)
