@@ -522,10 +522,10 @@ def _at_least(keys: np.ndarray, k: int, few: int, ws: Optional[Workspace] = None
     """A key s with at least k keys >= s (len(keys) >= k), and at most ``few`` where ties allow: bisection between
     the smallest and the largest key (each step one compare and one count; at most 32 steps)."""
     mask = _buffer(ws, "bisection", keys, bool)
-    lo, hi, n_lo = int(keys.min()), int(keys.max()), len(keys)  # count(>= lo) >= k > count(>= hi + 1)
+    lo, hi, n_lo = int(keys.min()), int(keys.max()), len(keys)
     if np.count_nonzero(np.greater_equal(keys, hi, out=mask)) >= k:
         return hi
-    while n_lo > few and hi - lo > 1:  # count(>= hi) < k
+    while n_lo > few and hi - lo > 1:  # count(>= lo) = n_lo >= k > count(>= hi)
         mid = (lo + hi) // 2
         n = int(np.count_nonzero(np.greater_equal(keys, mid, out=mask)))
         if n >= k:
