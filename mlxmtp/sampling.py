@@ -505,10 +505,11 @@ def _group_top(x: np.ndarray, k: int, ws: Optional[Workspace] = None) -> np.ndar
 
 
 def _order_keys(a: np.ndarray, ws: Optional[Workspace] = None) -> np.ndarray:
-    """int32 keys ordered as a's float32 values (IEEE bits, negatives' magnitude bits flipped; -0 made +0), in ws."""
+    """int32 keys ordered as a's float32 values, in ws: the device's _order_key on numpy buffers (its mx.where
+    becomes a sign mask, since np.where and a ufunc's where= allocate)."""
     keys, flip = _buffer(ws, "keys", a, np.int32), _buffer(ws, "key flips", a, np.int32)
     np.add(a, np.float32(0), out=keys.view(np.float32))
-    np.right_shift(keys, 31, out=flip)  # -1 where negative, else 0 (a ufunc's where= allocates)
+    np.right_shift(keys, 31, out=flip)  # -1 where negative, else 0
     np.bitwise_and(flip, 0x7FFFFFFF, out=flip)
     return np.bitwise_xor(keys, flip, out=keys)
 
