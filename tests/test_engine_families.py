@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 import mlxmtp
@@ -78,3 +80,35 @@ def test_greedy_with_plain_rounds_inside_mtp_equals_plain(family_model, monkeypa
         got = take(decode(model, p, GREEDY, draft_tokens="auto", policy=ForcedDepths(MIXED), stats=st), 2 * N_TOKENS)
         assert got == plain, (name, p)
         assert st.rounds_by_k[0] > 0 and (st.drafted > 0 or not model.num_mtp_modules)
+
+
+def test_fused_norms_and_rope_give_the_plain_calls_results(family_model):
+    """On the CPU back end the layers compile mx.fast's norms and rope (models/layers.py): the trunk's logits over a
+    prompt, decode steps and a verify pass, and every MTP module's, match the plain calls', and so do the tokens."""
+    from mlxmtp.models import layers
+
+    name, model = family_model
+    p = [int(t) for t in prompts(min(model.args.vocab_size, 256), n=1, seed=5)[0]]
+
+    def run():
+        cache = model.make_cache()
+        pre, post = model.trunk(mx.array([p]), cache)
+        out = [model.lm_head(post)]
+        for step in ([[3]], [[4]], [[5, 6, 7, 8]]):  # two decode steps and a verify pass
+            out.append(model(mx.array(step), cache))
+        hidden = model.select_hidden(pre, post)
+        for j in range(model.num_mtp_modules):
+            hidden, logits = model.mtp_forward(j, hidden[:, :-1], mx.array([p[j + 1 :]]), model.make_mtp_cache()[j])
+            out.append(logits)
+        return [np.array(o.astype(mx.float32)) for o in out] + [take(decode(model, p, GREEDY, draft_tokens=2),
+                                                                     N_TOKENS)]
+
+    layers.FUSE_FALLBACKS = False
+    try:
+        plain = run()
+    finally:
+        layers.FUSE_FALLBACKS = True
+    fused = run()
+    assert fused[-1] == plain[-1], name
+    for f, q in zip(fused[:-1], plain[:-1]):
+        np.testing.assert_allclose(f, q, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -40,7 +40,7 @@ def test_load_report(model):
     assert (r["mtp_modules_declared"], r["mtp_modules_loaded"]) == (1, 1)
     assert sum(r["skipped"].values()) == 2  # the MTP layer's embed_tokens and shared_head.head
     attn = model.model.layers[0].self_attn
-    assert attn.rope.dims == 8 and "q_norm" in attn and "bias" in attn.q_proj
+    assert attn.rope.rope.dims == 8 and "q_norm" in attn and "bias" in attn.q_proj
 
 
 @pytest.mark.parametrize("mode", list(MODES))

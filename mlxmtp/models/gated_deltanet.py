@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx_lm.models.gated_delta import compute_g, gated_delta_update, normalize_qk
 
 from ..cache import MAX_ROLLBACK
+from .layers import rms_norm
 
 
 class GatedRMSNorm(nn.Module):
@@ -32,7 +33,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x, gate):
-        y = mx.fast.rms_norm(x, self.weight, self.eps)
+        y = rms_norm(x, self.weight, self.eps)
         return (nn.silu(gate.astype(mx.float32)) * y).astype(x.dtype)  # the gate in float32 (HF, mlx-lm)
 
 

@@ -5,17 +5,20 @@ Family files assemble these; anything only one family uses lives in that family'
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import switch_layers
 from mlx_lm.models.activations import swiglu
+from mlx_lm.models import rope_utils
 from mlx_lm.models.rope_utils import initialize_rope
 
 from . import moe_dispatch
 
 __all__ = [
+    "rms_norm",
     "RMSNorm",
     "ZeroCentredRMSNorm",
     "make_rope",
@@ -30,7 +33,40 @@ __all__ = [
     "sigmoid_group_topk",
 ]
 
-RMSNorm = nn.RMSNorm
+# MLX's CPU back end has no kernels of its own for mx.fast.rms_norm and mx.fast.rope: each call expands into its
+# fallback graph of ~8 and ~15 small ops. Under mx.compile their elementwise chains fuse into one kernel each, with
+# the same results (dtypes kept op by op): a demo-model decode step goes from 884 to 629 graph nodes and 0.83x the
+# time, a 4-row verify pass 0.91x; passes that bandwidth bounds (the 151,936-token stand-ins) do not move
+# (benchmarks/bench_fused_norms.py). Metal and CUDA have the kernels, and there the plain call is used.
+# Compiled rope traces per shape (its positions come from the shape), so only passes of up to FUSED_ROWS positions
+# (decode, verify, drafts, the drafter's catch-up) take it; prefill chunks, whose lengths vary, do not.
+FUSED_ROWS = 32
+FUSE_FALLBACKS = True  # False: the plain calls everywhere (the benchmark's and the tests' baseline)
+
+
+def fuses_fallbacks() -> bool:
+    """Whether mx.fast's norms and rope run as fallback graphs here, which compiling fuses (the CPU back end)."""
+    return FUSE_FALLBACKS and mx.default_device().type == mx.DeviceType.cpu
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_rms_norm(dims: int, eps: float):
+    # shapeless: one trace serves every leading shape (the fallback's mean divides by dims, a constant of this key)
+    return mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """mx.fast.rms_norm, its fallback graph fused where it has one (fuses_fallbacks)."""
+    if fuses_fallbacks():
+        return _fused_rms_norm(x.shape[-1], eps)(x, weight)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter) through rms_norm."""
+
+    def __call__(self, x):
+        return rms_norm(x, self["weight"], self.eps)
 
 
 class ZeroCentredRMSNorm(nn.Module):
@@ -42,7 +78,27 @@ class ZeroCentredRMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        return rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+# mlx-lm's rope modules that pass their offset straight to mx.fast.rope, so that it can be an array (a compiled
+# function's input; an int would be a constant, retraced at every position). DynamicNTKScalingRoPE computes with it.
+_ARRAY_OFFSET = (nn.RoPE, rope_utils.SuScaledRoPE, rope_utils.Llama3RoPE, rope_utils.YarnRoPE,
+                 rope_utils.ProportionalRoPE)
+
+
+class FusedRoPE(nn.Module):
+    """One of mlx-lm's rope modules, compiled for passes of up to FUSED_ROWS positions where fuses_fallbacks."""
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+        self._compiled = mx.compile(lambda x, offset: rope(x, offset=offset))
+
+    def __call__(self, x, offset=0):
+        if x.shape[-2] <= FUSED_ROWS and fuses_fallbacks():
+            return self._compiled(x, mx.array(offset, mx.int32) if isinstance(offset, int) else offset)
+        return self.rope(x, offset=offset)
 
 
 def make_rope(dims: int, base: float, scaling: Optional[dict] = None, max_pos: Optional[int] = None,
@@ -50,7 +106,8 @@ def make_rope(dims: int, base: float, scaling: Optional[dict] = None, max_pos: O
     """RoPE as Hugging Face configs describe it (mlx-lm's initialize_rope knows the scaling variants)."""
     if scaling is not None and (scaling.get("rope_type") or scaling.get("type")) in (None, "default"):
         scaling = None
-    return initialize_rope(dims, base, traditional, scaling, max_pos)
+    rope = initialize_rope(dims, base, traditional, scaling, max_pos)
+    return FusedRoPE(rope) if isinstance(rope, _ARRAY_OFFSET) else rope
 
 
 def sdpa(q, k, v, scale: float, mask, sinks: Optional[mx.array] = None):
