@@ -130,6 +130,31 @@ def model_bench(family, args_d: dict, dtype, max_m: int, repeats: int, seed: int
     return res
 
 
+def sizes_bench(kib: list, dtype, max_m: int, repeats: int, seed: int) -> dict:
+    """Where the CPU's choice between the union and the sorted path turns (moe_dispatch.UNION_CPU_BATCH_BYTES): a
+    DeepSeek-V3 stand-in with experts of each projection size (KiB; hidden 512, 32 experts, top-4, 2 MoE layers),
+    stock, union and sorted verify passes over m = 1..max_m, as cost(m) / stock cost(1)."""
+    out = {}
+    for size in kib:
+        d = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
+                 moe_intermediate_size=size * 1024 // (512 * dtype.size), n_shared_experts=1, n_routed_experts=32,
+                 routed_scaling_factor=2.5, kv_lora_rank=128, q_lora_rank=256, qk_rope_head_dim=32, v_head_dim=64,
+                 qk_nope_head_dim=64, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
+                 max_position_embeddings=4096)
+        model = deepseek_v3.Model(deepseek_v3.ModelArgs.from_dict(d), num_mtp=0)
+        randomize(model, seed)
+        model.set_dtype(dtype)
+        mx.eval(model.parameters())
+        model.config = {"torch_dtype": str(dtype).split(".")[-1]}
+        res = out[f"{size} KiB"] = verify_curve(model, max_m, repeats, modes=("stock", "union", "sorted"), seed=seed)
+        print(f"\nexpert projections of {size} KiB: stock 1-token pass {res['one_token_ms']:.2f} ms")
+        print(f"{'m':>2} {'stock':>6} {'union':>6} {'sorted':>6}")
+        for r in res["rows"]:
+            print(f"{r['m']:>2} {r['stock']:>6.2f} {r['union']:>6.2f} {r['sorted']:>6.2f}")
+        del model
+    return out
+
+
 def print_table(title: str, res: dict) -> None:
     r1 = res["rows"][0]
     print(f"\n{title}\n  stock 1-token step {res['stock_1_ms']:.2f} ms, union {res['stock_1_ms'] * r1['union']:.2f} ms; "
@@ -180,6 +205,8 @@ def main() -> None:
                                                    "independent routing), comma-separated")
     ap.add_argument("--no-model", action="store_true", help="only the single-layer measurement")
     ap.add_argument("--gemm", action="store_true", help="also time one expert projection in both orientations")
+    ap.add_argument("--sizes", help="instead: the union / sorted choice on the CPU, at these expert projection sizes "
+                                     "(KiB, comma-separated; e.g. 96,1024,2048,4096)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_moe_verify.json"))
     a = ap.parse_args()
@@ -194,6 +221,11 @@ def main() -> None:
     report = {"machine": machine_info(), "dtype": a.dtype, "repeats": a.repeats,
               "union_path": "metal kernel" if moe_union.metal_available() else "reference (MLX ops)", "results": {}}
     print(f"union path: {report['union_path']}; BLAS: {report['machine'].get('blas')}; dtype {a.dtype}")
+    if a.sizes:
+        report["sizes"] = sizes_bench([int(v) for v in a.sizes.split(",")], dtype, a.max_m, a.repeats, a.seed)
+        a.out.write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {a.out}")
+        return
     if a.gemm:
         d = STAND_INS[names[0]][1]
         report["gemm"] = gemm_bench(d["hidden_size"], d["moe_intermediate_size"],

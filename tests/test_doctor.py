@@ -28,8 +28,9 @@ def test_text_report_is_honest_about_metal():
     for fmt in ("float32", "q4", "q8"):
         line = next(line for line in r.output.splitlines() if f"moe_union  {fmt} " in line)
         assert "unavailable" in line and "reference union" in line and "sorted" in line and "stock gather" in line
-        # what auto runs for this format here: the union for float experts, stock for quantized (CPU compute-bound)
-        assert f"auto takes the {'union' if fmt == 'float32' else 'stock'} path here" in line
+        # what auto runs for this format here: the sorted path for the check's float experts (2 MiB projections,
+        # cache-sized), stock for quantized (CPU compute-bound)
+        assert f"auto takes the {'sorted' if fmt == 'float32' else 'stock'} path here" in line
     assert "pass" not in r.output  # no self-check claimed where none ran
 
 

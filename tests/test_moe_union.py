@@ -134,8 +134,8 @@ def test_plan_layout():
 
 
 def test_choose_path_per_device(monkeypatch):
-    """auto: CPU float experts take the union for 2..16 tokens (1 too when they exceed the cache-size bound),
-    quantized stay stock; a GPU takes the kernel where
+    """auto: CPU float experts take the union for 2..16 tokens from UNION_CPU_BATCH_BYTES, else the sorted path,
+    and for 1 token from UNION_CPU_ONE_TOKEN_BYTES, else stock; quantized stay stock; a GPU takes the kernel where
     it passed its self-check, else the sync-free sorted path, for 2..16 tokens; prefill is stock everywhere."""
     monkeypatch.setattr(moe_dispatch, "_mode", "auto")
     glu, qglu = SwitchGLU(64, 32, 8), SwitchGLU(64, 32, 8)
@@ -145,8 +145,10 @@ def test_choose_path_per_device(monkeypatch):
     def paths(g, **kw):
         return [moe_dispatch.choose_path(g, m, **kw) for m in sizes]
 
-    assert paths(glu, gpu=False) == ["stock", "union", "union", "stock", "stock"]  # cache-sized experts: 1 token stock
-    big = SwitchGLU(1024, 1024, 2)  # 4 MiB per expert projection: one token takes the union path
+    assert paths(glu, gpu=False) == ["stock", "sorted", "sorted", "stock", "stock"]  # cache-sized experts
+    mid = SwitchGLU(512, 1024, 2)  # 2 MiB per expert projection: one token takes the union path, a batch not yet
+    assert paths(mid, gpu=False) == ["union", "sorted", "sorted", "stock", "stock"]
+    big = SwitchGLU(1024, 1024, 2)  # 4 MiB: the union path for every small batch
     assert paths(big, gpu=False) == ["union", "union", "union", "stock", "stock"]
     assert paths(qglu, gpu=False) == ["stock"] * 5
     assert paths(qglu, gpu=True, kernel_ok=lambda: False) == ["stock", "sorted", "sorted", "stock", "stock"]

@@ -12,17 +12,20 @@ Three implementations of the union path:
   routing indices per MoE layer) as an [experts, rows, hidden] block, and each projection is one gather_mm /
   gather_qmm with one index per unique expert (float weights as the left operand: W @ x^T, the orientation OpenBLAS
   runs fastest at a few rows). It runs everywhere and is what the Metal kernel must match;
-- `sorted_switch_glu`, sync-free, for GPUs without the kernel (mlx-cuda; a Mac whose self-check fell back): the
-  pairs sorted by expert on the device, into gather_mm / gather_qmm with sorted_indices=True;
+- `sorted_switch_glu`, sync-free, for GPUs without the kernel (mlx-cuda; a Mac whose self-check fell back) and
+  cache-sized float experts on the CPU: the pairs sorted by expert on the device, into gather_mm / gather_qmm with
+  sorted_indices=True;
 - the Metal kernel (mlxmtp.metal_kernels.moe_union), sync-free, chosen only where Metal is available and its
   self-check on this machine passed.
 
 Mode (``MLXMTP_MOE_DISPATCH`` or `dispatch_mode`), decided per call by `choose_path`:
 - "auto": above UNION_MAX_TOKENS (prefill) the stock path. On the CPU back end, float experts take the reference
-  union path for 2..16 tokens, and for one token when an expert's projection exceeds UNION_CPU_ONE_TOKEN_BYTES
-  (the same k experts, read in the faster orientation; the host sync costs well under 1% of such a layer) and quantized experts the stock path (CPU quantized matmul is
-  compute-bound, its cost grows with rows, so the padded union block only adds work: linux-cpu.md, `mlxmtp
-  doctor`). On a GPU, 2..16 tokens take the kernel where its self-check passed, else the sorted path (a host sync
+  union path for 2..16 tokens when an expert's projection reaches UNION_CPU_BATCH_BYTES, else the sorted path
+  (smaller experts stay in the CPU's caches between the adjacent pairs that share them, and the union's host sync
+  per layer costs more than the re-reads), and for one token when it reaches UNION_CPU_ONE_TOKEN_BYTES (the same k
+  experts, read in the faster orientation; the host sync costs well under 1% of such a layer), else the stock
+  path; quantized experts take the stock path (CPU quantized matmul is compute-bound, its cost grows with rows, so
+  the padded union block only adds work: linux-cpu.md, `mlxmtp doctor`). On a GPU, 2..16 tokens take the kernel where its self-check passed, else the sorted path (a host sync
   per layer would stall MLX's lazy pipelining there); one token the stock path (the union is the same k experts).
 - "union": the kernel where enabled, else the reference union path, for every batch size;
 - "sorted" / "stock": always that path.
@@ -42,6 +45,11 @@ MODES = ("auto", "union", "sorted", "stock")
 # sync when the expert's weights come from memory; experts that stay in the CPU's caches (the demo's 96 KB) decode
 # faster on the stock path (paired, demo model: 95 vs 67 tok/s plain).
 UNION_CPU_ONE_TOKEN_BYTES = 1 << 20
+# CPU, 2..16 tokens: cost(m) / stock cost(1) of a verify pass at m = 2, 3, 4 (DeepSeek-V3 layers, 32 experts, top-4,
+# float32; `bench_moe_verify.py --sizes 96,2048,4096,8192 --max-m 4 --repeats 25`): projections of 96 KiB: sorted
+# 1.05 / 1.14 / 1.24, union 1.27 / 1.37 / 1.57; 2 MiB: sorted 1.31 / 1.65 / 1.87, union 1.35 / 1.69 / 2.06; 4 MiB:
+# sorted 1.55 / 2.14 / 2.52, union 1.36 / 1.79 / 2.29 (8 MiB as 4).
+UNION_CPU_BATCH_BYTES = 4 << 20
 UNION_MAX_TOKENS = 16  # the small-batch range of the issue (#10); above it gather_qmm's sorted path shares weights
 
 _mode = os.environ.get("MLXMTP_MOE_DISPATCH", "auto")
@@ -90,9 +98,11 @@ def choose_path(glu, n_tokens: int, kernel_ok=None, gpu: bool | None = None) -> 
     if mode == "auto" and (n_tokens > UNION_MAX_TOKENS or (gpu and n_tokens < 2)):
         return "stock"
     if mode == "auto" and not gpu:
-        if "scales" in glu.gate_proj or (n_tokens < 2 and _expert_bytes(glu) < UNION_CPU_ONE_TOKEN_BYTES):
+        if "scales" in glu.gate_proj:
             return "stock"
-        return "union"
+        if n_tokens < 2:
+            return "union" if _expert_bytes(glu) >= UNION_CPU_ONE_TOKEN_BYTES else "stock"
+        return "union" if _expert_bytes(glu) >= UNION_CPU_BATCH_BYTES else "sorted"
     if kernel_ok is not None and kernel_ok():
         return "kernel"
     return "union" if mode == "union" else "sorted"
@@ -155,11 +165,12 @@ def union_switch_glu(glu, x: mx.array, indices: mx.array) -> mx.array:
 
 
 def sorted_switch_glu(glu, x: mx.array, indices: mx.array) -> mx.array:
-    """Sync-free union path for GPUs without the kernel: the pairs sorted by expert on the device and handed to
-    gather_mm / gather_qmm with sorted_indices=True (mlx-lm's SwitchGLU does so for prefill). MLX then reads each
-    expert once per run of equal indices where it has a kernel for it (Metal gather_mm_rhs; CUDA's grouped GEMM;
-    Metal gather_qmm only from 16 pairs and 4 per expert on average, mlx/backend/metal/quantized.cpp), else once
-    per pair; either way no host sync, so MLX keeps building the graph ahead of the GPU."""
+    """Sync-free union path for GPUs without the kernel and for cache-sized float experts on the CPU: the pairs
+    sorted by expert on the device and handed to gather_mm / gather_qmm with sorted_indices=True (mlx-lm's
+    SwitchGLU does so for prefill). MLX then reads each expert once per run of equal indices where it has a kernel
+    for it (Metal gather_mm_rhs; CUDA's grouped GEMM; Metal gather_qmm only from 16 pairs and 4 per expert on
+    average, mlx/backend/metal/quantized.cpp), else once per pair (on a CPU, an expert that fits its caches is then
+    re-read from them by the adjacent pairs); either way no host sync, so MLX keeps building the graph ahead."""
     k, D = indices.shape[-1], x.shape[-1]
     flat = mx.stop_gradient(indices).reshape(-1)
     order = mx.argsort(flat)
