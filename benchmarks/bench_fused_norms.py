@@ -64,8 +64,8 @@ def measure(model, steps: int, blocks: int) -> dict:
         decode(copy_caches(prompt_cache)), verify(copy_caches(prompt_cache))  # traces and warm-up
     for name, fn, per in (("decode step", decode, steps), ("verify pass of 4", verify, steps // 4)):
         t = {False: [], True: []}
-        for _ in range(blocks):
-            for fused in (False, True):
+        for b in range(blocks):
+            for fused in ((False, True) if b % 2 else (True, False)):  # either order as often
                 layers.FUSE_FALLBACKS = fused
                 cache = copy_caches(prompt_cache)
                 mx.eval(cache_arrays(cache))

@@ -10,10 +10,8 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import switch_layers
+from mlx_lm.models import rope_utils, switch_layers
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models import rope_utils
-from mlx_lm.models.rope_utils import initialize_rope
 
 from . import moe_dispatch
 
@@ -82,9 +80,11 @@ class ZeroCentredRMSNorm(nn.Module):
 
 
 # mlx-lm's rope modules that pass their offset straight to mx.fast.rope, so that it can be an array (a compiled
-# function's input; an int would be a constant, retraced at every position). DynamicNTKScalingRoPE computes with it.
-_ARRAY_OFFSET = (nn.RoPE, rope_utils.SuScaledRoPE, rope_utils.Llama3RoPE, rope_utils.YarnRoPE,
-                 rope_utils.ProportionalRoPE)
+# function's input; an int would be a constant, retraced at every position); DynamicNTKScalingRoPE computes with it,
+# and a class this list does not name (another mlx-lm version's) keeps the plain call.
+_ARRAY_OFFSET = (nn.RoPE,) + tuple(getattr(rope_utils, name) for name in
+                                   ("SuScaledRoPE", "Llama3RoPE", "YarnRoPE", "ProportionalRoPE")
+                                   if hasattr(rope_utils, name))
 
 
 class FusedRoPE(nn.Module):
@@ -106,7 +106,7 @@ def make_rope(dims: int, base: float, scaling: Optional[dict] = None, max_pos: O
     """RoPE as Hugging Face configs describe it (mlx-lm's initialize_rope knows the scaling variants)."""
     if scaling is not None and (scaling.get("rope_type") or scaling.get("type")) in (None, "default"):
         scaling = None
-    rope = initialize_rope(dims, base, traditional, scaling, max_pos)
+    rope = rope_utils.initialize_rope(dims, base, traditional, scaling, max_pos)
     return FusedRoPE(rope) if isinstance(rope, _ARRAY_OFFSET) else rope
 
 
