@@ -33,9 +33,9 @@ __all__ = [
 
 # MLX's CPU back end has no kernels of its own for mx.fast.rms_norm and mx.fast.rope: each call expands into its
 # fallback graph of ~8 and ~15 small ops. Under mx.compile their elementwise chains fuse into one kernel each, with
-# the same results (dtypes kept op by op): a demo-model decode step goes from 884 to 629 graph nodes and 0.83x the
-# time, a 4-row verify pass 0.91x; passes that bandwidth bounds (the 151,936-token stand-ins) do not move
-# (benchmarks/bench_fused_norms.py). Metal and CUDA have the kernels, and there the plain call is used.
+# the same results (dtypes kept op by op): a demo-model decode step goes from 884 to 629 graph nodes and 0.83-0.89x
+# the time, a 4-row verify pass 0.81-0.91x (two runs); passes that bandwidth bounds (the 151,936-token stand-ins)
+# move by 0.96-1.02x (benchmarks/bench_fused_norms.py). Metal and CUDA have the kernels: there the plain call runs.
 # Compiled rope traces per shape (its positions come from the shape), so only passes of up to FUSED_ROWS positions
 # (decode, verify, drafts, the drafter's catch-up) take it; prefill chunks, whose lengths vary, do not.
 FUSED_ROWS = 32
