@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 
 from .cache import cache_arrays, can_rollback, copy_caches, rollback
+from .models import moe_dispatch
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512
@@ -255,7 +256,7 @@ class RoundStats:
     drafted_by_depth: list = field(default_factory=list)
     accepted_by_depth: list = field(default_factory=list)
     rounds_by_k: list = field(default_factory=list)  # rounds_by_k[k]: rounds that drafted k tokens
-    syncs: int = 0  # host synchronisations, the prefill's included
+    syncs: int = 0  # host synchronisations, the prefill's and the MoE union path's included
     host_bytes: int = 0  # bytes copied from device arrays to the host
 
     def record(self, n_drafted: int, n_accepted: int) -> None:
@@ -324,8 +325,11 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     if observe:
         policy.start()
 
+    moe_reads = moe_dispatch.host_reads  # the union path's host reads before this generation (one decode at a time)
+
     def sync_stats():
-        stats.syncs, stats.host_bytes = sampler.syncs, sampler.host_bytes
+        stats.syncs = sampler.syncs + moe_dispatch.host_reads - moe_reads
+        stats.host_bytes = sampler.host_bytes
 
     # Prefill in chunks; the drafter receives every prompt position's hidden state and runs its modules over them.
     state.busy = True

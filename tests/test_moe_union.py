@@ -101,6 +101,24 @@ def test_greedy_mtp_equals_plain_with_union(family_model, tmp_path, monkeypatch,
     assert drafted > 0 or not model.num_mtp_modules
 
 
+def test_syncs_count_the_union_paths_host_reads(family_model):
+    """The reference union path reads each MoE layer's routing to the host: the statistics count those reads as
+    synchronisations (at least one per trunk MoE layer and verify pass), and the sync-free paths add none."""
+    name, model = family_model
+    n_moe = sum(1 for layer in model.model.layers for _, m in layer.named_modules() if isinstance(m, SwitchGLU))
+    p = prompts(min(model.args.vocab_size, 256), n=1, seed=6)[0]
+    for mode in ("union", "sorted", "auto"):  # auto on the CPU: the sorted path for these cache-sized experts
+        st = RoundStats()
+        with moe_dispatch.dispatch_mode(mode):
+            take(decode(model, p, SamplingParams(), draft_tokens=2, stats=st), 10)
+        # beyond the prefill's and one per round (and, without MTP modules, the pipelined plain rounds' last read)
+        extra = st.syncs - 1 - st.target_forwards - (model.num_mtp_modules == 0)
+        if mode == "union":
+            assert extra >= n_moe * st.target_forwards > 0, (name, extra)
+        else:
+            assert extra == 0, (name, mode, extra)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_union_equals_per_pair_quantized(bits):
     """gather_qmm with one index per unique expert over [U, R, D] rows: the converted checkpoints' path."""

@@ -55,6 +55,9 @@ UNION_CPU_BATCH_BYTES = 4 << 20
 UNION_MAX_TOKENS = 16  # the small-batch range of the issue (#10); above it gather_qmm's sorted path shares weights
 
 _mode = os.environ.get("MLXMTP_MOE_DISPATCH", "auto")
+# Host reads of routing indices by the reference union path, one per MoE layer it runs: synchronisations that
+# decoding statistics count with the sampler's (speculative.decode reads the difference over a generation).
+host_reads = 0
 
 
 def _check_mode(mode: str) -> str:
@@ -151,7 +154,9 @@ def union_switch_glu(glu, x: mx.array, indices: mx.array) -> mx.array:
     Float experts: one gather_mm per projection with the weights on the left over [U, D, R] (layers.SwitchLinear;
     OpenBLAS runs W @ x^T ~1.4x faster than x @ W^T at 1..4 rows, `bench_moe_verify.py --gemm`), activations kept
     in that layout and transposed back once after down_proj; quantized experts: gather_qmm over [U, R, D]."""
+    global host_reads
     k, D = indices.shape[-1], x.shape[-1]
+    host_reads += 1
     idx = np.array(mx.stop_gradient(indices)).reshape(-1, k)
     plan = plan_union(idx)
     xg = x.reshape(-1, D)[plan.rows]  # [U, R, D]: each expert's rows, read with its weights once
