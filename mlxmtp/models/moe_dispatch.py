@@ -50,7 +50,8 @@ UNION_CPU_ONE_TOKEN_BYTES = 1 << 20
 # float32; `bench_moe_verify.py --sizes 96,2048,4096,8192 --max-m 4 --repeats 25`): projections of 96 KiB: sorted
 # 1.05 / 1.14 / 1.24, union 1.27 / 1.37 / 1.57; 2 MiB: sorted 1.31 / 1.65 / 1.87, union 1.35 / 1.69 / 2.06; 4 MiB:
 # sorted 1.55 / 2.14 / 2.52, union 1.36 / 1.79 / 2.29 (8 MiB as 4). The demo model (96 KiB) decodes greedy MTP
-# rounds in 1.15x (k = 1) and 1.10x (k = 3) the time on the union path (paired round by round).
+# rounds in 1.13-1.15x (k = 1) and 1.05-1.10x (k = 3) the time on the union path (two runs of
+# `bench_round_ab.py --switch union`).
 UNION_CPU_BATCH_BYTES = 4 << 20
 UNION_MAX_TOKENS = 16  # the small-batch range of the issue (#10); above it gather_qmm's sorted path shares weights
 
