@@ -32,6 +32,8 @@ class GenerationStats:
     accepted: int = 0
     acceptance_rate: float = 0.0
     mean_accepted_length: float = 0.0
+    # [d]: of the rounds that drafted more than d tokens, the share whose first d + 1 were all accepted (per position,
+    # unconditional, as vLLM's per-position acceptance rate)
     acceptance_by_depth: list = field(default_factory=list)
     syncs_per_round: float = 0.0  # host synchronisations per decoding round (1 on the device path)
     rounds_by_depth: list = field(default_factory=list)  # rounds_by_depth[k]: rounds that drafted k (what auto chose)

@@ -9,8 +9,8 @@ ratio(k) starts from the verify cost curve and draft cost measured once per mode
 linear) and is then replaced by observed round times. What a generation learned (ratios and acceptance) is kept
 per model, machine and sampling settings in ~/.cache/mlxmtp/policy.json, so the next generation, in this process
 or the next, starts on the depth that paid instead of re-learning it. The other depths are probed now and then,
-within a budget: a probe costs the tokens the best depth would have made in its time, and probes may cost at most
-``budget`` (1%) of the tokens generated.
+within a budget: a probe costs the tokens the best depth would have made in its time (its rounds' and the next
+round's, which pays for switching back), and probes may cost at most ``budget`` (1%) of the tokens generated.
 
 The first round after a change of depth is not a sample of its depth's cost: a drafting round after plain ones
 first runs the MTP modules over the rows the plain rounds left them (up to speculative.FOLD_ROWS), and a plain
@@ -138,11 +138,11 @@ class DepthPolicy:
     rounds) of ratio(k); ratio(k) is the median of its last RECENT samples (the cost curve's value until the first),
     so one stalled round (another process, a page fault) moves nothing; the first round after a change of depth is
     no sample (module docstring). Probes (runs of PROBE_ROUNDS rounds) go to the depth unseen longest, whenever
-    what probes have cost so far (each round charged after it ran: the tokens the best depth would have made in its
-    time, minus its own) plus the next probe's expected cost (at most one token a round) is within ``budget`` of
-    the tokens generated. Acceptance: per depth, counts decayed
-    over ``window_acc`` drafts, with a prior of ``prior`` worth ``prior_weight`` drafts. ``learned`` (from
-    ``learned()``, e.g. via load_learned) replaces the priors.
+    what probes have cost so far (each of their rounds, and the round returning from one, charged after it ran: the
+    tokens the best depth would have made in its time, minus its own) plus the next probe's expected cost (at most
+    one token a round) is within ``budget`` of the tokens generated. Acceptance: per depth, of the drafts the rule
+    reached, counts decayed over ``window_acc`` drafts, with a prior of ``prior`` worth ``prior_weight`` drafts.
+    ``learned`` (from ``learned()``, e.g. via load_learned) replaces the priors.
     """
 
     RECENT = 9
@@ -165,9 +165,9 @@ class DepthPolicy:
         self.probe_cost = 0.0
         self.last_round = [0] * (K + 1)  # the round each k last ran
         self.round = 0
-        self.last_k = 0
+        self.last_k, self.last_probe = 0, False
         self.probe_left = 0  # rounds left in the current probe
-        self.pending: list = []  # (probe?, best rate, first of a run?) of the rounds chosen and not observed yet
+        self.pending: list = []  # (charged?, best rate, first of a run?) of the rounds chosen and not observed yet
         if learned:
             self._load(learned)
 
@@ -221,8 +221,10 @@ class DepthPolicy:
                 self.probe_left = self.PROBE_ROUNDS - 1
         self.round += 1
         self.last_round[k] = self.round
-        self.pending.append((probe, max(rates), k != self.last_k))
-        self.last_k = k
+        # charged: a probe's rounds, and the round that returns from a probe (what switching back costs)
+        charged = probe or (self.last_probe and k != self.last_k)
+        self.pending.append((charged, max(rates), k != self.last_k))
+        self.last_k, self.last_probe = k, probe
         return k
 
     def start(self) -> None:
@@ -232,10 +234,13 @@ class DepthPolicy:
     def observe(self, k: int, drafted: int, accepted: int, seconds: float) -> None:
         """A round that asked for k drafts, drafted ``drafted``, had ``accepted`` of them accepted, took ``seconds``."""
         self.tokens += accepted + 1
-        for d in range(drafted):
+        # a_d is conditional: draft d counts as tried only where the rule reached it (drafts before it accepted), so
+        # that the product in expected_tokens is P(first i drafts accepted); counting every drafted d would make
+        # each a_d the unconditional rate and undercount the deeper drafts' tokens
+        for d in range(min(drafted, accepted + 1)):
             self.tried[d] = self.tried[d] * self.decay + 1
             self.accepted[d] = self.accepted[d] * self.decay + (d < accepted)
-        probe, best_rate, first = self.pending.pop(0) if self.pending else (False, 0.0, False)
+        charged, best_rate, first = self.pending.pop(0) if self.pending else (False, 0.0, False)
         if k == 0:
             if not first:
                 self.plain = (self.plain + [seconds])[-self.RECENT :]
@@ -247,5 +252,5 @@ class DepthPolicy:
                 self.ratio[k] = _median(self.samples[k])
         else:
             ratio = self.ratio[k]
-        if probe:  # the tokens the best depth would have made in this round's time, minus its own
+        if charged:  # the tokens the best depth would have made in this round's time, minus its own
             self.probe_cost += max(0.0, best_rate * ratio - (accepted + 1))

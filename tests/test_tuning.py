@@ -2,6 +2,7 @@
 between generations (policy.json)."""
 
 import json
+import random
 
 import pytest
 
@@ -35,16 +36,18 @@ def test_drafting_pays_on_a_flat_curve_from_the_first_round():
     assert ks[-10:].count(4) >= 9  # every draft accepted and verify nearly free: as deep as allowed
 
 
-def test_plain_wins_and_probing_stays_within_budget():
+@pytest.mark.parametrize("switch_cost", [0.0, 0.02])
+def test_plain_wins_and_probing_stays_within_budget(switch_cost):
     """Drafting loses on a compute-bound curve: auto settles on k = 0, and what its probes cost (against plain
-    decoding over the same rounds) stays under its 1% budget plus one probe."""
+    decoding over the same rounds) stays under its 1% budget plus one probe, also where each change of depth costs
+    two plain rounds more (the round returning to plain decoding is charged to the probe)."""
     policy = DepthPolicy(LINEAR, 4)
     plain = 0.01
 
     def seconds_for(k):
         return plain * (1 + k)  # E(k) < 1 + k for acceptance < 1: plain wins at every depth
 
-    ks, tokens, seconds = run_rounds(policy, 2000, accept=1, seconds_for=seconds_for)
+    ks, tokens, seconds = run_rounds(policy, 2000, accept=1, seconds_for=seconds_for, switch_cost=switch_cost)
     assert ks[-200:].count(0) >= 195
     assert any(k > 0 for k in ks[100:])  # it keeps probing
     assert tokens / seconds >= (1 - 0.012) / plain
@@ -60,6 +63,27 @@ def test_a_small_steady_win_is_found_despite_what_switching_costs():
                           seconds_for=lambda k: 0.01 if k == 0 else 0.019 * (1 + 0.5 * (k - 1)))
     assert ks[0] == 0
     assert ks[-300:].count(1) >= 280
+
+
+def test_acceptance_per_depth_is_conditional_on_the_drafts_before():
+    """Drafts accepted one after another with conditional chances a = (0.9, 0.6, 0.9): k = 3 yields
+    E(3) = 1 + 0.9 + 0.54 + 0.486 = 2.926 tokens and pays 6% at 2.75 plain rounds, where k = 1 and k = 2 pay less
+    than plain. From a compute-bound prior that starts it on plain decoding, auto finds k = 3, its estimate being
+    E(3), not the 2.62 that the unconditional rates (0.9, 0.54, 0.486) multiplied together would give (and that
+    would keep it on plain decoding)."""
+    rng, a = random.Random(0), (0.9, 0.6, 0.9)
+    ratio = (1.0, 1.95, 2.4, 2.75)
+    policy = DepthPolicy(LINEAR, 3)
+    ks = []
+    for _ in range(4000):
+        k = policy.choose()
+        n = 0
+        while n < k and rng.random() < a[n]:
+            n += 1
+        policy.observe(k, k, n, 0.01 * ratio[k])
+        ks.append(k)
+    assert policy.expected_tokens(3) == pytest.approx(2.926, abs=0.15)
+    assert ks[-1000:].count(3) >= 750  # the rest: probes of the other depths, within the 1% budget
 
 
 def test_observed_round_times_override_the_measured_curve():
