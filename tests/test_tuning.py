@@ -67,8 +67,8 @@ def test_a_small_steady_win_is_found_despite_what_switching_costs():
 
 def test_acceptance_per_depth_is_conditional_on_the_drafts_before():
     """Drafts accepted one after another with conditional chances a = (0.9, 0.6, 0.9): k = 3 yields
-    E(3) = 1 + 0.9 + 0.54 + 0.486 = 2.926 tokens and pays 6% at 2.75 plain rounds, where k = 1 and k = 2 pay less
-    than plain. From a compute-bound prior that starts it on plain decoding, auto finds k = 3, its estimate being
+    E(3) = 1 + 0.9 + 0.54 + 0.486 = 2.926 tokens and pays 6% at 2.75 plain rounds, where k = 1 loses 3% and k = 2
+    pays 2%. From a compute-bound prior that starts it on plain decoding, auto finds k = 3, its estimate being
     E(3), not the 2.62 that the unconditional rates (0.9, 0.54, 0.486) multiplied together would give (and that
     would keep it on plain decoding)."""
     rng, a = random.Random(0), (0.9, 0.6, 0.9)
