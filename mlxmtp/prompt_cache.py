@@ -46,7 +46,7 @@ def limited_rollback(model) -> bool:
 def state_nbytes(state: DecodeState) -> int:
     n = cache_nbytes(state.cache)
     if state.drafter is not None:
-        n += cache_nbytes(state.drafter.caches) + sum(x.nbytes for x in state.drafter.inputs if x is not None)
+        n += cache_nbytes(state.drafter.caches) + state.drafter.nbytes()
     return n
 
 

@@ -34,8 +34,13 @@ PREFILL_CHUNK = 512
 # the hard limit; 8 is the deliberate bound: with acceptance 0.8 a 9th draft adds 0.8^9 = 0.13 expected tokens
 # while every verify row costs bandwidth (and MTP modules drafting that deep are far outside their training).
 MAX_DRAFT_TOKENS = 8
-# Plain rounds inside MTP decoding leave the drafter this many trunk rows at most before its modules catch up.
-FOLD_ROWS = 32
+# Plain rounds inside MTP decoding leave the drafter this many trunk rows at most before its modules catch up
+# (MTPDrafter.fold). Large, because the catch-up is cheaper per row in bigger batches (demo model, CPU: 19 us a row
+# at 32 rows, 8 at 256) and auto's next probe usually runs it first, inside the probe's budget (tuning.py).
+FOLD_ROWS = 256
+# A draft's first step runs each module over at most this many pending rows with its attention, MLP and head; rows
+# before them (after a run of plain rounds) go through the modules' caches only, as in prefill.
+DRAFT_ROWS = MAX_DRAFT_TOKENS + 1
 
 
 class MTPDrafter:
@@ -47,15 +52,29 @@ class MTPDrafter:
         self.n = model.num_mtp_modules
         self.frontier = [0] * self.n  # first row not yet in module j's cache
         # inputs[j]: hidden states feeding module j at rows frontier[j] .. (module j-1's frontier) - 1
-        # (for j = 0: the trunk's hidden states at rows frontier[0] .. P-1)
+        # (for j = 0: the trunk's hidden states at rows frontier[0] .. P-1, with ``pending`` after them)
         self.inputs: list[Optional[mx.array]] = [None] * self.n
+        self.pending: list[mx.array] = []  # trunk hidden states handed over since module 0's input was last joined
+        self.pending_rows = 0
         self.min_draft_prob = min_draft_prob
 
     def copy(self) -> "MTPDrafter":
         c = MTPDrafter.__new__(MTPDrafter)
         c.__dict__.update(self.__dict__)
         c.caches, c.frontier, c.inputs = copy_caches(self.caches), list(self.frontier), list(self.inputs)
+        c.pending = list(self.pending)
         return c
+
+    def nbytes(self) -> int:
+        """The bytes of the hidden states held for the modules (their caches not included)."""
+        return sum(x.nbytes for x in self.inputs + self.pending if x is not None)
+
+    def _join(self) -> None:
+        """Module 0's input as one array: one concatenation for every hand-over since the last (not one a round)."""
+        if self.pending:
+            parts = ([self.inputs[0]] if self.inputs[0] is not None else []) + self.pending
+            self.inputs[0] = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            self.pending, self.pending_rows = [], 0
 
     def trim_plan(self, F: int) -> Optional[list]:
         """How many rows each module's cache must forget so that the drafter continues from trunk position F
@@ -69,6 +88,7 @@ class MTPDrafter:
         """Continue from trunk position F (see trim_plan). A module ahead of F is rolled back to row F and has
         nothing pending; a module at or behind F keeps its frontier and the pending input rows below its
         predecessor's new frontier (module 0: the trunk's hidden states of rows frontier..F-1)."""
+        self._join()
         for j, d in enumerate(drop):
             if d:
                 rollback([self.caches[j]], d)
@@ -79,7 +99,8 @@ class MTPDrafter:
 
     def extend(self, hidden: mx.array) -> None:
         """Trunk hidden states [1, m, H] of newly committed positions."""
-        self.inputs[0] = hidden if self.inputs[0] is None else mx.concatenate([self.inputs[0], hidden], axis=1)
+        self.pending.append(hidden)
+        self.pending_rows += hidden.shape[1]
 
     def prefill(self, tokens: list[int], evaluate=mx.eval) -> None:
         """Run every module over the rows whose inputs are committed (``tokens``: the prompt), in chunks, leaving
@@ -88,6 +109,7 @@ class MTPDrafter:
         kept, and the outputs that feed a next module: the last module runs only as far as its cache needs (its
         key and value projections, not its attention output or MLP)."""
         L = len(tokens)
+        self._join()
         for j in range(self.n):
             f = self.frontier[j]
             have = (f + self.inputs[j].shape[1]) if self.inputs[j] is not None else f
@@ -105,10 +127,10 @@ class MTPDrafter:
                 self.inputs[j + 1] = out if nxt is None else mx.concatenate([nxt, out], axis=1)
 
     def fold(self, tokens: list[int]) -> None:
-        """During plain rounds (k = 0 inside MTP decoding) the trunk's hidden states pile up in inputs[0]; once
+        """During plain rounds (k = 0 inside MTP decoding) the trunk's hidden states pile up (``pending``); once
         FOLD_ROWS have, run the modules over them (queued with async_eval, no synchronisation), so the pending
-        inputs stay bounded and the next draft round runs about one row per module. ``tokens``: the committed ones."""
-        if self.inputs[0] is not None and self.inputs[0].shape[1] >= FOLD_ROWS:
+        inputs stay bounded. ``tokens``: the committed ones."""
+        if self.pending_rows + (self.inputs[0].shape[1] if self.inputs[0] is not None else 0) >= FOLD_ROWS:
             self.prefill(tokens, mx.async_eval)
 
     def draft(self, tokens: list[int], k: int, sampler: Sampler):
@@ -116,6 +138,9 @@ class MTPDrafter:
         were drawn from, one per draft, None entries when greedy). Nothing is synchronised here (with the mlx
         sampler, or greedy); min_draft_prob > 0 stops drafting early at the cost of one synchronisation per draft."""
         P = len(tokens) - 1
+        self._join()
+        if P - self.frontier[0] > DRAFT_ROWS:  # after plain rounds: their rows into the caches, lazily, first
+            self.prefill(tokens[:-1], evaluate=lambda *arrays: None)
         drafts, qs, ran = [], [], []  # ran: (first row, input hidden, output hidden) of each module run
         prev_out = None
         for depth in range(k):
@@ -289,7 +314,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     drafts plus the correction or bonus token). Runs until the caller stops iterating.
 
     draft_tokens: an int k (0 = plain decoding) or "auto" with ``policy`` (tuning.DepthPolicy: ``start()``,
-    ``choose()`` -> k, ``observe(k, drafted, accepted, seconds)``) choosing k per round. drafter: anything with
+    ``choose()`` -> k, ``observe(k, drafted, accepted, seconds)``, seconds None for a round whose time is no sample
+    of its depth's) choosing k per round. drafter: anything with
     MTPDrafter's ``extend`` and ``draft`` (default: an MTPDrafter over the model's modules). state: a DecodeState to
     continue (only the prompt tokens after its ``n_cached`` are prefilled; the prompt must start with its
     ``tokens``) and to leave updated for the next generation; default: a fresh one. sampler: a sampling.Sampler
@@ -302,7 +328,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     come back. A round with k = 0 (plain decoding, or a plain round chosen by auto) is pipelined as mlx-lm's
     generate_step is, when the sampler allows it: its trunk pass is queued (mx.async_eval) on the previous round's
     token, still a device array, before that token is read and handed out; with MTP its hidden state goes to the
-    drafter lazily. Round times (for the policy) run from one hand-out to the next.
+    drafter lazily. Round times (for the policy) run from one hand-out to the next; a plain round handed out before
+    a drafting one is untimed: no next pass was built behind it, so its time is short of a plain round's.
     """
     prompt = [int(t) for t in prompt]
     sampler = sampler or Sampler(params, seed)
@@ -355,13 +382,13 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
         yield [first]
     t_out = time.perf_counter()  # the last hand-out
 
-    def hand_out_lazy():
+    def hand_out_lazy(timed=True):
         nonlocal t_out
         tokens.append(sampler.fetch(lazy)[0])
         if lazy_round:
             stats.record(0, 0)
             if observe:
-                observe(0, 0, 0, time.perf_counter() - t_out)
+                observe(0, 0, 0, time.perf_counter() - t_out if timed else None)
         sync_stats()
         t_out = time.perf_counter()
         return [tokens[-1]]
@@ -392,7 +419,7 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
                 yield new
                 continue
             if lazy is not None:  # the last plain round's token: read it before drafting from it
-                new = hand_out_lazy()
+                new = hand_out_lazy(timed=False)
                 lazy = None
                 state.busy = False
                 yield new
@@ -412,6 +439,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
             new = drafted[:n_acc] + [nxt]
             tokens.extend(new)
             state.n_cached += n_acc + 1
+            if use_mtp and k == 0 and hasattr(drafter, "fold"):  # a plain round the sampler could not pipeline:
+                drafter.fold(tokens[:-1])  # the last row is left for the next draft, as in a draft's catch-up
             state.busy = False
             yield new
     finally:

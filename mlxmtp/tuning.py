@@ -17,6 +17,12 @@ first runs the MTP modules over the rows the plain rounds left them (up to specu
 round after a drafting one cannot be pipelined behind the previous pass. So a probe is a run of PROBE_ROUNDS
 rounds, and only the rounds after a run's first are timed: a depth that pays in steady state by a few percent is
 not lost to what switching to it costs once.
+
+Round times are compared only under the same conditions. The machine's speed drifts (other load, thermal state:
+on the shared development machines plain rounds moved 2.3 -> 3.1 ms between two passes over the same prompts),
+and once auto drafts, its plain rounds are only probes, far apart. So a probe is timed against the rounds of the
+incumbent (the depth the policy ran before it) just before it: a probe of plain decoding measures the incumbent's
+ratio, a probe of another depth that depth's ratio relative to the incumbent's.
 """
 
 from __future__ import annotations
@@ -134,10 +140,12 @@ def save_learned(key: str, learned: dict) -> None:
 class DepthPolicy:
     """Per-round choice of k (see the module docstring).
 
-    Round times: a round with k > 0 drafts taking s seconds is a sample s / (median of the last RECENT plain
-    rounds) of ratio(k); ratio(k) is the median of its last RECENT samples (the cost curve's value until the first),
-    so one stalled round (another process, a page fault) moves nothing; the first round after a change of depth is
-    no sample (module docstring). Probes (runs of PROBE_ROUNDS rounds) go to the depth unseen longest, whenever
+    Round times: with t the median of the incumbent i's last RECENT timed rounds (at least MIN_REF), a probe round
+    of k > 0 taking s seconds is a sample ratio(i) * s / t of ratio(k), and one of plain decoding a sample t / s of
+    ratio(i); an incumbent still on the cost curve's value takes its first sample from its own rounds against the
+    last plain rounds. ratio(k) is the median of its last RECENT samples (the curve's value until the first), so
+    one stalled round (another process, a page fault) moves nothing; the first round after a change of depth is no
+    sample (module docstring). Probes (runs of PROBE_ROUNDS rounds) go to the depth unseen longest, whenever
     what probes have cost so far (each of their rounds, and the round returning from one, charged after it ran: the
     tokens the best depth would have made in its time, minus its own) plus the next probe's expected cost (at most
     one token a round) is within ``budget`` of the tokens generated. Acceptance: per depth, of the drafts the rule
@@ -146,6 +154,7 @@ class DepthPolicy:
     """
 
     RECENT = 9
+    MIN_REF = 3
     PROBE_ROUNDS = 3
 
     def __init__(self, costs: dict, max_depth: Optional[int] = None, *, prior: float = 0.7, prior_weight: float = 4.0,
@@ -160,14 +169,16 @@ class DepthPolicy:
         self.accepted = [prior * prior_weight] * K
         self.tried = [prior_weight] * K
         self.budget, self.decay = budget, 1 - 1 / window_acc
-        self.plain: list = []  # seconds of the last plain rounds
+        self.times: list = [[] for _ in range(K + 1)]  # seconds of each k's last timed rounds
+        self.incumbent = 0  # the depth of the last round that was no probe: the reference for round times
         self.tokens = 0  # tokens generated under this policy, and what its probes cost in tokens
         self.probe_cost = 0.0
         self.last_round = [0] * (K + 1)  # the round each k last ran
         self.round = 0
         self.last_k, self.last_probe = 0, False
         self.probe_left = 0  # rounds left in the current probe
-        self.pending: list = []  # (charged?, best rate, first of a run?) of the rounds chosen and not observed yet
+        # (charged?, best rate, first of a run?, incumbent) of the rounds chosen and not observed yet
+        self.pending: list = []
         if learned:
             self._load(learned)
 
@@ -221,9 +232,11 @@ class DepthPolicy:
                 self.probe_left = self.PROBE_ROUNDS - 1
         self.round += 1
         self.last_round[k] = self.round
+        if not probe and k != self.incumbent:  # a new reference: its times from before (probes, long ago) go
+            self.incumbent, self.times[k] = k, []
         # charged: a probe's rounds, and the round that returns from a probe (what switching back costs)
         charged = probe or (self.last_probe and k != self.last_k)
-        self.pending.append((charged, max(rates), k != self.last_k))
+        self.pending.append((charged, max(rates), k != self.last_k, self.incumbent))
         self.last_k, self.last_probe = k, probe
         return k
 
@@ -231,8 +244,9 @@ class DepthPolicy:
         """A new generation: rounds chosen but never run (the last one queued when a generation stopped) drop out."""
         self.pending = []
 
-    def observe(self, k: int, drafted: int, accepted: int, seconds: float) -> None:
-        """A round that asked for k drafts, drafted ``drafted``, had ``accepted`` of them accepted, took ``seconds``."""
+    def observe(self, k: int, drafted: int, accepted: int, seconds: Optional[float]) -> None:
+        """A round that asked for k drafts, drafted ``drafted``, had ``accepted`` of them accepted, took ``seconds``
+        (None: a time that is no sample of its depth's, such as decode's last plain round before a drafting one)."""
         self.tokens += accepted + 1
         # a_d is conditional: draft d counts as tried only where the rule reached it (drafts before it accepted), so
         # that the product in expected_tokens is P(first i drafts accepted); counting every drafted d would make
@@ -240,17 +254,18 @@ class DepthPolicy:
         for d in range(min(drafted, accepted + 1)):
             self.tried[d] = self.tried[d] * self.decay + 1
             self.accepted[d] = self.accepted[d] * self.decay + (d < accepted)
-        charged, best_rate, first = self.pending.pop(0) if self.pending else (False, 0.0, False)
-        if k == 0:
-            if not first:
-                self.plain = (self.plain + [seconds])[-self.RECENT :]
-            ratio = seconds / _median(self.plain) if self.plain else 1.0
-        elif self.plain:
-            ratio = seconds / _median(self.plain)
-            if not first:
-                self.samples[k] = (self.samples[k] + [ratio])[-self.RECENT :]
-                self.ratio[k] = _median(self.samples[k])
-        else:
-            ratio = self.ratio[k]
+        charged, best_rate, first, ref = self.pending.pop(0) if self.pending else (False, 0.0, False, self.incumbent)
+        base = _median(self.times[ref]) if seconds is not None and len(self.times[ref]) >= self.MIN_REF else None
+        ratio = self.ratio[ref] * seconds / base if base else self.ratio[k]  # this round's, in plain rounds
+        if seconds is not None and not first:
+            j = sample = None
+            if base and k != ref:  # a probe, timed against the incumbent's rounds just before it
+                j, sample = (ref, base / seconds) if k == 0 else (k, ratio)
+            elif k == ref and k and not self.samples[k] and self.times[0]:  # an incumbent still on its prior
+                j, sample = k, seconds / _median(self.times[0])
+            if j is not None:
+                self.samples[j] = (self.samples[j] + [sample])[-self.RECENT :]
+                self.ratio[j] = _median(self.samples[j])
+            self.times[k] = (self.times[k] + [seconds])[-self.RECENT :]
         if charged:  # the tokens the best depth would have made in this round's time, minus its own
             self.probe_cost += max(0.0, best_rate * ratio - (accepted + 1))

@@ -66,14 +66,17 @@ def test_rollback_at_every_rejection_position(family_model):
         assert st.accepted == right * st.target_forwards
 
 
-def test_greedy_with_plain_rounds_inside_mtp_equals_plain(family_model, monkeypatch):
+@pytest.mark.parametrize("fold_rows, draft_rows", [(3, 9), (100, 1)])
+def test_greedy_with_plain_rounds_inside_mtp_equals_plain(family_model, fold_rows, draft_rows, monkeypatch):
     """auto's mix of depths, forced: plain rounds (pipelined, their hidden states handed to the drafter lazily,
-    folded every few rows) between drafting rounds of every depth, on every cache type."""
+    folded every few rows, or caught up by the next draft) between drafting rounds of every depth, on every cache
+    type."""
     import mlxmtp.speculative as spec
     from tests.test_speculative import MIXED, ForcedDepths
 
     name, model = family_model
-    monkeypatch.setattr(spec, "FOLD_ROWS", 3)
+    monkeypatch.setattr(spec, "FOLD_ROWS", fold_rows)
+    monkeypatch.setattr(spec, "DRAFT_ROWS", draft_rows)
     for p in prompts(min(model.args.vocab_size, 256), n=5, seed=4):
         plain = take(decode(model, p, GREEDY), 2 * N_TOKENS)
         st = RoundStats()

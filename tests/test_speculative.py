@@ -289,7 +289,7 @@ class ForcedDepths:
     the rounds it is told about."""
 
     def __init__(self, ks):
-        self.ks, self.i, self.observed = list(ks), 0, []
+        self.ks, self.i, self.observed, self.seconds = list(ks), 0, [], []
 
     def start(self):
         pass
@@ -300,8 +300,9 @@ class ForcedDepths:
         return k
 
     def observe(self, k, drafted, accepted, seconds):
-        assert seconds > 0
+        assert seconds is None or seconds > 0
         self.observed.append(k)
+        self.seconds.append(seconds)
 
 
 MIXED = (0, 0, 2, 0, 1, 3, 0)
@@ -329,11 +330,25 @@ def test_plain_rounds_inside_mtp_greedy_equal_plain(num_mtp, ks, monkeypatch):
         assert st.drafted > 0 or ks == (0,)
 
 
+def test_the_plain_round_before_a_drafting_one_is_untimed():
+    """A pipelined plain round handed out because the next round drafts had no pass built behind it, so its time
+    is short of a plain round's: decode reports it to the policy without one (None); every other round has its
+    time."""
+    policy = ForcedDepths((0, 0, 0, 2, 0, 1, 1))
+    take(decode(ToyModel(vocab=32, num_mtp=1, seed=1), [1, 2, 3, 4], GREEDY, draft_tokens="auto", policy=policy), 60)
+    assert len(policy.observed) > 20
+    for i, (k, s) in enumerate(zip(policy.observed, policy.seconds)):
+        assert (s is None) == (k == 0 and policy.ks[(i + 1) % len(policy.ks)] > 0), i
+
+
 @pytest.mark.parametrize("num_mtp", [1, 3])
-def test_plain_rounds_inside_mtp_keep_drafts_aligned(num_mtp, monkeypatch):
+@pytest.mark.parametrize("fold_rows, draft_rows", [(4, spec.DRAFT_ROWS), (100, 2)])
+def test_plain_rounds_inside_mtp_keep_drafts_aligned(num_mtp, fold_rows, draft_rows, monkeypatch):
     """Self-drafting modules accept every draft only if the drafter's rows stay aligned with the committed
-    tokens across plain rounds, folds and drafting rounds."""
-    monkeypatch.setattr(spec, "FOLD_ROWS", 4)
+    tokens across plain rounds, folds and drafting rounds; (100, 2): no fold, each draft after plain rounds first
+    runs their rows through the modules' caches."""
+    monkeypatch.setattr(spec, "FOLD_ROWS", fold_rows)
+    monkeypatch.setattr(spec, "DRAFT_ROWS", draft_rows)
     target = ToyModel(vocab=32, num_mtp=0, seed=2)
     for p in prompts(32, n=4):
         model = SelfDraft(target, p, num_mtp=num_mtp)
@@ -344,26 +359,60 @@ def test_plain_rounds_inside_mtp_keep_drafts_aligned(num_mtp, monkeypatch):
         assert st.drafted == st.accepted > 0
 
 
-def test_plain_rounds_inside_mtp_hand_the_drafter_the_right_hidden_states(monkeypatch):
-    """k in {0, 1}: every MTP call (drafts and folds) ends on a committed row (the hidden states of pipelined plain
-    rounds reach the drafter exactly)."""
-    monkeypatch.setattr(spec, "FOLD_ROWS", 3)
+@pytest.mark.parametrize("fold_rows, draft_rows", [(3, spec.DRAFT_ROWS), (100, 1)])
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(1.0)], ids=["greedy", "numpy-sampled"])
+def test_plain_rounds_inside_mtp_hand_the_drafter_the_right_hidden_states(fold_rows, draft_rows, params,
+                                                                          monkeypatch):
+    """k in {0, 1}: every MTP call (drafts, folds, a draft's catch-up after plain rounds) ends on a committed row
+    (the hidden states of plain rounds reach the drafter exactly: pipelined ones, and the numpy sampler's, which
+    cannot be pipelined)."""
+    monkeypatch.setenv("MLXMTP_SAMPLER", "numpy")
+    monkeypatch.setattr(spec, "FOLD_ROWS", fold_rows)
+    monkeypatch.setattr(spec, "DRAFT_ROWS", draft_rows)
     depths = ForcedDepths((0, 0, 0, 0, 0, 1, 0, 1, 1))
     check_mtp_calls_match_full_recompute(
-        lambda m, p: take(decode(m, p, GREEDY, draft_tokens="auto", policy=depths), 40), 10)
+        lambda m, p: take(decode(m, p, params, draft_tokens="auto", policy=depths, seed=0), 40), 10)
 
 
-def test_fold_keeps_pending_rows_bounded(monkeypatch):
-    """A long run of plain rounds inside MTP decoding leaves the drafter at most FOLD_ROWS pending trunk rows."""
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(1.0)], ids=["greedy", "numpy-sampled"])
+def test_fold_keeps_pending_rows_bounded(params, monkeypatch):
+    """A long run of plain rounds inside MTP decoding leaves the drafter at most FOLD_ROWS pending trunk rows,
+    pipelined or not (the numpy sampler's)."""
+    monkeypatch.setenv("MLXMTP_SAMPLER", "numpy")
     monkeypatch.setattr(spec, "FOLD_ROWS", 5)
     model = ToyModel(vocab=32, num_mtp=2, seed=1)
     state = spec.DecodeState(model, use_mtp=True)
-    gen = decode(model, [1, 2, 3, 4], GREEDY, draft_tokens="auto", policy=ForcedDepths((0,)), state=state)
+    gen = decode(model, [1, 2, 3, 4], params, draft_tokens="auto", policy=ForcedDepths((0,)), state=state, seed=0)
     for _ in range(30):
         next(gen)
-        assert state.drafter.inputs[0].shape[1] <= 5
+        drafter = state.drafter
+        assert (drafter.inputs[0].shape[1] if drafter.inputs[0] is not None else 0) + drafter.pending_rows <= 5
     assert state.drafter.frontier[0] > 10  # the modules ran over the rows, no draft round needed
     gen.close()
+
+
+def test_a_draft_after_plain_rounds_runs_its_modules_over_few_rows(monkeypatch):
+    """After 20 plain rounds without a fold, the next draft first runs their rows through the modules' caches (one
+    call per module over the many rows) and only then the full modules over at most DRAFT_ROWS rows each."""
+    monkeypatch.setattr(spec, "FOLD_ROWS", 100)
+    model = ToyModel(vocab=32, num_mtp=2, seed=1)
+    calls = []
+    orig = model.mtp_forward
+
+    def spy(j, hidden, tokens, cache=None):
+        calls.append((j, hidden.shape[1]))
+        return orig(j, hidden, tokens, cache)
+
+    model.mtp_forward = spy
+    gen = decode(model, [1, 2, 3, 4], GREEDY, draft_tokens="auto", policy=ForcedDepths((0,) * 20 + (2,)))
+    for _ in range(6):  # the prefill and the first plain rounds
+        next(gen)
+    calls.clear()
+    for _ in range(20):  # the other plain rounds and the drafting round
+        next(gen)
+    gen.close()
+    assert [(j, n > spec.DRAFT_ROWS) for j, n in calls[:4]] == [(0, True), (1, True), (0, False), (1, False)], calls
+    assert all(n <= spec.DRAFT_ROWS for _, n in calls[2:4])
 
 
 @pytest.mark.parametrize("backend", ["numpy", "mlx"])

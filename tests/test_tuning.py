@@ -86,6 +86,26 @@ def test_acceptance_per_depth_is_conditional_on_the_drafts_before():
     assert ks[-1000:].count(3) >= 750  # the rest: probes of the other depths, within the 1% budget
 
 
+def test_round_times_are_compared_under_the_same_conditions():
+    """The machine slows to 1/1.6 of its speed and back every 300 rounds (other load, thermal state), and k = 3
+    pays 6% (the conditional chances and ratios of the test above). Once auto drafts, its plain rounds are only
+    probes, far apart: a probe is timed against the rounds of the incumbent depth just before it, not against
+    plain rounds from another phase, so auto's ratio for k = 3 stays right and it stays on k = 3."""
+    rng, a = random.Random(0), (0.9, 0.6, 0.9)
+    ratio = (1.0, 1.95, 2.4, 2.75)
+    policy = DepthPolicy(LINEAR, 3)
+    ks = []
+    for i in range(6000):
+        k = policy.choose()
+        n = 0
+        while n < k and rng.random() < a[n]:
+            n += 1
+        policy.observe(k, k, n, 0.01 * ratio[k] * (1.6 if (i // 300) % 2 else 1.0))
+        ks.append(k)
+    assert policy.ratio[3] == pytest.approx(2.75, rel=0.1)
+    assert ks[-2000:].count(3) >= 1700
+
+
 def test_observed_round_times_override_the_measured_curve():
     """The curve says drafting is nearly free, but rounds with drafts are really slow: auto goes back to k = 0."""
     policy = DepthPolicy(FLAT, 4)
