@@ -13,7 +13,9 @@ verify [t[P], d1..dk] in one trunk pass -> accept (sampling.Sampler.accept: the 
 roll the trunk caches back past the accepted prefix -> hand the accepted positions' hidden states to the drafter,
 which folds them into its next call (no separate pass to extend the MTP caches). A round with k = 0 is the same
 loop without the drafts, pipelined (decode's docstring); inside MTP decoding its hidden state waits for the drafter
-like an accepted position's, and after FOLD_ROWS of them the modules catch up without a synchronisation.
+like an accepted position's. Where more than DRAFT_ROWS of them wait, the next draft first runs the modules over all
+but the last through their caches only (as in prefill); after FOLD_ROWS the modules catch up without a
+synchronisation.
 """
 
 from __future__ import annotations
