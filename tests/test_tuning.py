@@ -29,6 +29,21 @@ def run_rounds(policy, n, accept, seconds_for, switch_cost=0.0):
     return ks, tokens, seconds
 
 
+def run_conditional(policy, n, slowdown=lambda i: 1.0):
+    """Simulated rounds whose drafts are accepted one after another with conditional chances (0.9, 0.6, 0.9), a
+    round with k drafts taking (1.0, 1.95, 2.4, 2.75)[k] plain rounds times slowdown(round). Returns the ks."""
+    rng, a, ratio = random.Random(0), (0.9, 0.6, 0.9), (1.0, 1.95, 2.4, 2.75)
+    ks = []
+    for i in range(n):
+        k = policy.choose()
+        accepted = 0
+        while accepted < k and rng.random() < a[accepted]:
+            accepted += 1
+        policy.observe(k, k, accepted, 0.01 * ratio[k] * slowdown(i))
+        ks.append(k)
+    return ks
+
+
 def test_drafting_pays_on_a_flat_curve_from_the_first_round():
     policy = DepthPolicy(FLAT, 4)
     ks, _, _ = run_rounds(policy, 30, accept=4, seconds_for=lambda k: 0.01 * FLAT["verify"][k])
@@ -71,17 +86,8 @@ def test_acceptance_per_depth_is_conditional_on_the_drafts_before():
     pays 2%. From a compute-bound prior that starts it on plain decoding, auto finds k = 3, its estimate being
     E(3), not the 2.62 that the unconditional rates (0.9, 0.54, 0.486) multiplied together would give (and that
     would keep it on plain decoding)."""
-    rng, a = random.Random(0), (0.9, 0.6, 0.9)
-    ratio = (1.0, 1.95, 2.4, 2.75)
     policy = DepthPolicy(LINEAR, 3)
-    ks = []
-    for _ in range(4000):
-        k = policy.choose()
-        n = 0
-        while n < k and rng.random() < a[n]:
-            n += 1
-        policy.observe(k, k, n, 0.01 * ratio[k])
-        ks.append(k)
+    ks = run_conditional(policy, 4000)
     assert policy.expected_tokens(3) == pytest.approx(2.926, abs=0.15)
     assert ks[-1000:].count(3) >= 750  # the rest: probes of the other depths, within the 1% budget
 
@@ -91,17 +97,8 @@ def test_round_times_are_compared_under_the_same_conditions():
     pays 6% (the conditional chances and ratios of the test above). Once auto drafts, its plain rounds are only
     probes, far apart: a probe is timed against the rounds of the incumbent depth just before it, not against
     plain rounds from another phase, so auto's ratio for k = 3 stays right and it stays on k = 3."""
-    rng, a = random.Random(0), (0.9, 0.6, 0.9)
-    ratio = (1.0, 1.95, 2.4, 2.75)
     policy = DepthPolicy(LINEAR, 3)
-    ks = []
-    for i in range(6000):
-        k = policy.choose()
-        n = 0
-        while n < k and rng.random() < a[n]:
-            n += 1
-        policy.observe(k, k, n, 0.01 * ratio[k] * (1.6 if (i // 300) % 2 else 1.0))
-        ks.append(k)
+    ks = run_conditional(policy, 6000, slowdown=lambda i: 1.6 if (i // 300) % 2 else 1.0)
     assert policy.ratio[3] == pytest.approx(2.75, rel=0.1)
     assert ks[-2000:].count(3) >= 1700
 
