@@ -22,7 +22,11 @@ Round times are compared only under the same conditions. The machine's speed dri
 on the shared development machines plain rounds moved 2.3 -> 3.1 ms between two passes over the same prompts),
 and once auto drafts, its plain rounds are only probes, far apart. So a probe is timed against the rounds of the
 incumbent (the depth the policy ran before it) just before it: a probe of plain decoding measures the incumbent's
-ratio, a probe of another depth that depth's ratio relative to the incumbent's.
+ratio, a probe of another depth that depth's ratio relative to the incumbent's. Plain rounds stay the anchor: the
+incumbent is the depth whose estimate came out best, so its ratio tends to have come out low (the winner's curse),
+and ratios passed on from depth to depth would sink together (auto would then keep drafting where drafting loses).
+So while auto drafts every other probe is of plain decoding, and another depth's ratio is derived from the
+incumbent's as timed against plain rounds only.
 """
 
 from __future__ import annotations
@@ -141,16 +145,19 @@ class DepthPolicy:
     """Per-round choice of k (see the module docstring).
 
     Round times: with t the median of the incumbent i's last RECENT timed rounds (at least MIN_REF), a probe round
-    of k > 0 taking s seconds is a sample ratio(i) * s / t of ratio(k), and one of plain decoding a sample t / s of
-    ratio(i); an incumbent still on the cost curve's value takes its first sample from its own rounds against the
-    last plain rounds. ratio(k) is the median of its last RECENT samples (the curve's value until the first), so
-    one stalled round (another process, a page fault) moves nothing; the first round after a change of depth is no
-    sample (module docstring). Probes (runs of PROBE_ROUNDS rounds) go to the depth unseen longest, whenever
-    what probes have cost so far (each of their rounds, and the round returning from one, charged after it ran: the
-    tokens the best depth would have made in its time, minus its own) plus the next probe's expected cost (at most
-    one token a round) is within ``budget`` of the tokens generated. Acceptance: per depth, of the drafts the rule
-    reached, counts decayed over ``window_acc`` drafts, with a prior of ``prior`` worth ``prior_weight`` drafts.
-    ``learned`` (from ``learned()``, e.g. via load_learned) replaces the priors.
+    of plain decoding taking s seconds is a sample t / s of ratio(i), and one of k > 0 a sample r * s / t of
+    ratio(k), r being 1 for i = 0 and otherwise the median of ratio(i)'s samples timed against plain rounds (the
+    ``direct`` ones; ratio(i) until there is one); an incumbent still on the cost curve's value takes its first
+    sample from its own rounds against the last plain rounds. ratio(k) is the median of its last RECENT samples (the
+    curve's value until the first), so one stalled round (another process, a page fault) moves nothing; the first
+    round after a change of depth is no sample (module docstring). Probes (runs of PROBE_ROUNDS rounds, one more for
+    plain decoding from a drafting incumbent, since decode cannot time the plain round right before a drafting one)
+    go to the depth unseen longest (while drafting, every other one to plain decoding), whenever what probes have
+    cost so far (each of their rounds, and the round returning from one, charged after it ran: the tokens the best
+    depth would have made in its time, minus its own) plus the next probe's expected cost (at most one token a
+    round) is within ``budget`` of the tokens generated. Acceptance: per depth, of the drafts the rule reached,
+    counts decayed over ``window_acc`` drafts, with a prior of ``prior`` worth ``prior_weight`` drafts. ``learned``
+    (from ``learned()``, e.g. via load_learned) replaces the priors.
     """
 
     RECENT = 9
@@ -171,6 +178,8 @@ class DepthPolicy:
         self.budget, self.decay = budget, 1 - 1 / window_acc
         self.times: list = [[] for _ in range(K + 1)]  # seconds of each k's last timed rounds
         self.incumbent = 0  # the depth of the last round that was no probe: the reference for round times
+        self.last_probed = 0  # the depth of the last probe
+        self.direct: list = [[] for _ in range(K + 1)]  # the samples of ratio(k) timed against plain rounds
         self.tokens = 0  # tokens generated under this policy, and what its probes cost in tokens
         self.probe_cost = 0.0
         self.last_round = [0] * (K + 1)  # the round each k last ran
@@ -225,11 +234,15 @@ class DepthPolicy:
             self.probe_left -= 1
         elif self.max_depth:
             j = min((j for j in range(len(rates)) if j != k), key=self.last_round.__getitem__)
+            if k and self.last_probed:  # a drafting incumbent: every other probe is of plain decoding, the anchor
+                j = 0
+            # decode cannot time a plain round right before a drafting one: a plain probe's last round is untimed
+            rounds = self.PROBE_ROUNDS + (j == 0 and k > 0)
             # its expected cost, at most one token a round (an estimate off after a stall must not stop the probing)
-            cost = self.PROBE_ROUNDS * min(1.0, max(0.0, rates[k] * self.ratio[j] - self.expected_tokens(j)))
+            cost = rounds * min(1.0, max(0.0, rates[k] * self.ratio[j] - self.expected_tokens(j)))
             if self.probe_cost + cost <= self.budget * self.tokens:
                 k, probe = j, True
-                self.probe_left = self.PROBE_ROUNDS - 1
+                self.probe_left, self.last_probed = rounds - 1, j
         self.round += 1
         self.last_round[k] = self.round
         if not probe and k != self.incumbent:  # a new reference: its times from before (probes, long ago) go
@@ -260,7 +273,12 @@ class DepthPolicy:
         if seconds is not None and not first:
             j = sample = None
             if base and k != ref:  # a probe, timed against the incumbent's rounds just before it
-                j, sample = (ref, base / seconds) if k == 0 else (k, ratio)
+                if k == 0 or ref == 0:
+                    j, sample = (ref, base / seconds) if k == 0 else (k, ratio)
+                    self.direct[j] = (self.direct[j] + [sample])[-self.RECENT :]
+                else:  # through the incumbent's ratio as timed against plain rounds (not through chained samples)
+                    j = k
+                    sample = (_median(self.direct[ref]) if self.direct[ref] else self.ratio[ref]) * seconds / base
             elif k == ref and k and not self.samples[k] and self.times[0]:  # an incumbent still on its prior
                 j, sample = k, seconds / _median(self.times[0])
             if j is not None:
