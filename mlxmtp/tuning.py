@@ -253,6 +253,11 @@ class DepthPolicy:
         self.last_k, self.last_probe = k, probe
         return k
 
+    def _push(self, window: list, x: float) -> None:
+        """Append x to a window of the last RECENT values."""
+        window.append(x)
+        del window[: -self.RECENT]
+
     def start(self) -> None:
         """A new generation: rounds chosen but never run (the last one queued when a generation stopped) drop out."""
         self.pending = []
@@ -275,15 +280,15 @@ class DepthPolicy:
             if base and k != ref:  # a probe, timed against the incumbent's rounds just before it
                 if k == 0 or ref == 0:
                     j, sample = (ref, base / seconds) if k == 0 else (k, ratio)
-                    self.direct[j] = (self.direct[j] + [sample])[-self.RECENT :]
+                    self._push(self.direct[j], sample)
                 else:  # through the incumbent's ratio as timed against plain rounds (not through chained samples)
                     j = k
                     sample = (_median(self.direct[ref]) if self.direct[ref] else self.ratio[ref]) * seconds / base
             elif k == ref and k and not self.samples[k] and self.times[0]:  # an incumbent still on its prior
                 j, sample = k, seconds / _median(self.times[0])
             if j is not None:
-                self.samples[j] = (self.samples[j] + [sample])[-self.RECENT :]
+                self._push(self.samples[j], sample)
                 self.ratio[j] = _median(self.samples[j])
-            self.times[k] = (self.times[k] + [seconds])[-self.RECENT :]
+            self._push(self.times[k], seconds)
         if charged:  # the tokens the best depth would have made in this round's time, minus its own
             self.probe_cost += max(0.0, best_rate * ratio - (accepted + 1))
