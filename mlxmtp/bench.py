@@ -344,6 +344,7 @@ def run(model, tokenizer, prompts: list[dict], settings: list[Setting], *, repea
                 "mtp_modules": model.num_mtp_modules, "settings": [asdict(s) for s in settings],
                 "repeats": repeats, "max_tokens": max_tokens, "prompts": len(prompts),
                 "categories": sorted({p["category"] for p in prompts}), "machine": machine_info(),
+                "openblas_threads": openblas_threads(model),
                 "interrupted": interrupted, "runs_planned": total, "runs": runs, "summary": summarize(runs, done)}
 
     try:
@@ -446,6 +447,15 @@ def summarize(runs: list[dict], settings: list[Setting]) -> dict:
     return out
 
 
+def openblas_threads(model) -> Optional[dict]:
+    """OpenBLAS's thread count for the prefill (and mlx-lm) and for mlxmtp's decoding rounds; None without it."""
+    from .blas import openblas_threads as current
+    from .tuning import decode_threads
+
+    n = current()
+    return None if n is None else {"prefill": n, "decoding": decode_threads(model) or n}
+
+
 def machine_info() -> dict:
     from importlib.metadata import version
 
@@ -495,6 +505,10 @@ def print_report(report: dict, console=None) -> None:
             n = sum(e["rounds_by_depth"])
             chose = ", ".join(f"k={k} {c / n:.1%}" for k, c in enumerate(e["rounds_by_depth"]) if c)
             console.print(f"{name} chose: {chose} of {n} rounds; {e['syncs_per_round']:.2f} host syncs per round")
+    if report.get("openblas_threads"):
+        t = report["openblas_threads"]
+        console.print(f"OpenBLAS threads: {t['prefill']} for prefill (and mlx-lm), {t['decoding']} for mlxmtp's "
+                      "decoding rounds (tuning.decode_threads)")
     mtp = [n for n, e in summary.items() if e["backend"] == "mlxmtp" and e["draft_tokens"] != 0]
     if mtp:
         c = Table(box=box.SIMPLE_HEAD, title="tau by prompt category")

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from .sampling import SamplingParams
 from .speculative import MAX_DRAFT_TOKENS, DecodeState, RoundStats, decode
-from .tuning import DepthPolicy, load_learned, measure_costs, policy_key, save_learned
+from .tuning import DepthPolicy, decode_threads, load_learned, measure_costs, policy_key, save_learned
 
 AUTO_MAX_DEPTH = 4
 
@@ -160,7 +160,8 @@ def stream_generate(model, tokenizer, prompt: Union[str, Sequence[int]], *, max_
     t_first = None
     finish = None
     steps = decode(model, ids, params, draft_tokens=draft_tokens, policy=policy, seed=seed, stats=rounds,
-                   state=state, max_new_tokens=min(max_tokens, ctx - len(ids)) if ctx else max_tokens)
+                   state=state, max_new_tokens=min(max_tokens, ctx - len(ids)) if ctx else max_tokens,
+                   threads=decode_threads(model))
     try:
         for new in steps:
             if t_first is None:

@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
+from . import blas
 from .cache import cache_arrays, can_rollback, copy_caches, rollback
 from .models import moe_dispatch
 from .sampling import Sampler, SamplingParams
@@ -311,7 +312,7 @@ def _trunk(model, tokens: mx.array, cache, want_hidden: bool):
 def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, policy=None, seed=None,
            stats: Optional[RoundStats] = None, min_draft_prob: float = 0.0, drafter=None,
            state: Optional[DecodeState] = None, sampler: Optional[Sampler] = None,
-           max_new_tokens: Optional[int] = None) -> Iterator[list[int]]:
+           max_new_tokens: Optional[int] = None, threads: Optional[int] = None) -> Iterator[list[int]]:
     """Yield the generated tokens, a list per trunk pass (the prefill's first token, then each round's accepted
     drafts plus the correction or bonus token). Runs until the caller stops iterating.
 
@@ -323,7 +324,8 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
     ``tokens``) and to leave updated for the next generation; default: a fresh one. sampler: a sampling.Sampler
     (default: one for ``params`` and ``seed`` on the default backend). max_new_tokens: where the caller will stop (a
     hint): no pass is queued ahead for a token past it, so a generation that ends at its length, as mlx-lm's
-    generate_step does, leaves no wasted pass behind (iterating on past it still works, unpipelined).
+    generate_step does, leaves no wasted pass behind (iterating on past it still works, unpipelined). threads: the
+    OpenBLAS thread count for the rounds (tuning.decode_threads; None: unchanged); the prefill keeps the current one.
 
     One loop for every k. One host synchronisation per round (greedy, or the mlx sampler): drafts, the verify input,
     the distributions and the acceptance rule stay device arrays, and only [accepted count, next token, drafts]
@@ -395,57 +397,60 @@ def decode(model, prompt: list[int], params: SamplingParams, *, draft_tokens=0, 
         t_out = time.perf_counter()
         return [tokens[-1]]
 
-    try:
-        while True:
-            k = 0 if not use_mtp else (policy.choose() if auto else draft_tokens)
-            state.busy = True
-            ahead = len(tokens) - len(prompt) + (1 if lazy is None else 2)  # the token a queued pass would give
-            if k == 0 and sampler.pipelined and (max_new_tokens is None or ahead <= max_new_tokens):
-                logits, hidden = _trunk(model, mx.array(tokens[-1:], dtype=mx.int32) if lazy is None else lazy,
-                                        cache, use_mtp)
-                nxt = sampler.lazy_next(logits[0, -1:])
-                if use_mtp:
-                    drafter.extend(hidden)
-                    mx.async_eval(nxt, hidden)
-                    if hasattr(drafter, "fold"):
-                        drafter.fold(tokens)
-                else:
-                    mx.async_eval(nxt)
-                state.n_cached += 1
-                if lazy is None:  # its input was on the host (after the prefill or a drafting round): none to hand out
-                    lazy, lazy_round = nxt, True
-                    continue
-                new = hand_out_lazy()
-                lazy, lazy_round = nxt, True
-                state.busy = False
-                yield new
-                continue
-            if lazy is not None:  # the last plain round's token: read it before drafting from it
-                new = hand_out_lazy(timed=False)
-                lazy = None
-                state.busy = False
-                yield new
+    with blas.using_threads(threads):  # the round's, after the prefill's
+        try:
+            while True:
+                k = 0 if not use_mtp else (policy.choose() if auto else draft_tokens)
                 state.busy = True
-            drafts, qs = drafter.draft(tokens, k, sampler) if k > 0 else (None, [])
-            last = mx.array([tokens[-1]], dtype=mx.int32)
-            logits, hidden = _trunk(model, last if drafts is None else mx.concatenate([last, drafts]), cache, use_mtp)
-            n_acc, nxt, drafted = sampler.accept(drafts, qs, logits[0])  # the round's one synchronisation
-            rollback(cache, len(drafted) - n_acc)
-            if use_mtp:
-                drafter.extend(hidden[:, : n_acc + 1])
-            stats.record(len(drafted), n_acc)
-            sync_stats()
-            if observe:
-                observe(k, len(drafted), n_acc, time.perf_counter() - t_out)
-            t_out = time.perf_counter()
-            new = drafted[:n_acc] + [nxt]
-            tokens.extend(new)
-            state.n_cached += n_acc + 1
-            if use_mtp and k == 0 and hasattr(drafter, "fold"):  # a plain round the sampler could not pipeline:
-                drafter.fold(tokens[:-1])  # the last row is left for the next draft, as in a draft's catch-up
-            state.busy = False
-            yield new
-    finally:
-        if lazy is not None and not state.busy:  # stopped while a queued pass's token waits: it becomes the last
-            tokens.append(sampler.fetch(lazy)[0])
-            sync_stats()
+                ahead = len(tokens) - len(prompt) + (1 if lazy is None else 2)  # the token a queued pass would give
+                if k == 0 and sampler.pipelined and (max_new_tokens is None or ahead <= max_new_tokens):
+                    logits, hidden = _trunk(model, mx.array(tokens[-1:], dtype=mx.int32) if lazy is None else lazy,
+                                            cache, use_mtp)
+                    nxt = sampler.lazy_next(logits[0, -1:])
+                    if use_mtp:
+                        drafter.extend(hidden)
+                        mx.async_eval(nxt, hidden)
+                        if hasattr(drafter, "fold"):
+                            drafter.fold(tokens)
+                    else:
+                        mx.async_eval(nxt)
+                    state.n_cached += 1
+                    if lazy is None:  # its input was on the host (after the prefill or a drafting round): nothing
+                        # to hand out yet
+                        lazy, lazy_round = nxt, True
+                        continue
+                    new = hand_out_lazy()
+                    lazy, lazy_round = nxt, True
+                    state.busy = False
+                    yield new
+                    continue
+                if lazy is not None:  # the last plain round's token: read it before drafting from it
+                    new = hand_out_lazy(timed=False)
+                    lazy = None
+                    state.busy = False
+                    yield new
+                    state.busy = True
+                drafts, qs = drafter.draft(tokens, k, sampler) if k > 0 else (None, [])
+                last = mx.array([tokens[-1]], dtype=mx.int32)
+                verify_in = last if drafts is None else mx.concatenate([last, drafts])
+                logits, hidden = _trunk(model, verify_in, cache, use_mtp)
+                n_acc, nxt, drafted = sampler.accept(drafts, qs, logits[0])  # the round's one synchronisation
+                rollback(cache, len(drafted) - n_acc)
+                if use_mtp:
+                    drafter.extend(hidden[:, : n_acc + 1])
+                stats.record(len(drafted), n_acc)
+                sync_stats()
+                if observe:
+                    observe(k, len(drafted), n_acc, time.perf_counter() - t_out)
+                t_out = time.perf_counter()
+                new = drafted[:n_acc] + [nxt]
+                tokens.extend(new)
+                state.n_cached += n_acc + 1
+                if use_mtp and k == 0 and hasattr(drafter, "fold"):  # a plain round the sampler could not pipeline:
+                    drafter.fold(tokens[:-1])  # the last row is left for the next draft, as in a draft's catch-up
+                state.busy = False
+                yield new
+        finally:
+            if lazy is not None and not state.busy:  # stopped while a queued pass's token waits: it becomes the last
+                tokens.append(sampler.fetch(lazy)[0])
+                sync_stats()

@@ -36,14 +36,17 @@ import json
 import os
 import platform
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import blas
 from .cache import rollback
 
+ONE_THREAD_BYTES = 64 << 20  # trunk weights under which decoding rounds run on one OpenBLAS thread (decode_threads)
 CACHE_FILE = Path(os.environ.get("MLXMTP_CACHE_DIR", Path.home() / ".cache" / "mlxmtp")) / "costs.json"
 
 
@@ -61,48 +64,89 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def measure_costs(model, max_tokens: int = 5, context: int = 64, repeats: int = 5, use_cache: bool = True) -> dict:
-    """{"verify": [cost(1), ..., cost(max_tokens)] relative to cost(1), "draft": c_draft relative to cost(1)}."""
-    key = _model_key(model)
-    if use_cache and CACHE_FILE.exists():
-        try:
-            stored = json.loads(CACHE_FILE.read_text()).get(key)
-            if stored and len(stored["verify"]) >= max_tokens:
-                return stored
-        except (json.JSONDecodeError, KeyError):
-            pass
-    cache = model.make_cache()
-    vocab = getattr(model.args, "vocab_size", 256)
-    prompt = mx.array([[i % vocab for i in range(context)]])
-    mx.eval(model(prompt, cache))
-    times = {m: [] for m in range(1, max_tokens + 1)}
-    for _ in range(repeats + 1):  # the first sweep warms up
-        for m in range(1, max_tokens + 1):
-            t0 = time.perf_counter()
-            mx.eval(model(prompt[:, :m], cache))
-            times[m].append(time.perf_counter() - t0)
-            rollback(cache, m)
-    base = _median(times[1][1:])
-    result = {"verify": [_median(times[m][1:]) / base for m in range(1, max_tokens + 1)], "draft": 0.0}
-    if model.num_mtp_modules:
-        mcache = model.make_mtp_cache()
-        hidden = mx.zeros_like(model.embed(prompt[:, :1]))
-        draft_times = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            mx.eval(model.mtp_forward(0, hidden, prompt[:, :1], mcache[0]))
-            draft_times.append(time.perf_counter() - t0)
-        result["draft"] = _median(draft_times[1:]) / base
-    if use_cache:
-        CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            stored = json.loads(CACHE_FILE.read_text()) if CACHE_FILE.exists() else {}
-        except json.JSONDecodeError:
-            stored = {}
-        stored[key] = result
-        tmp = CACHE_FILE.with_suffix(".tmp")
+def _stored(key: str, path: Optional[Path] = None):
+    """The entry for key in a JSON cache file (default costs.json), or None (also for a missing or unreadable file)."""
+    try:
+        stored = json.loads((path or CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get(key) if isinstance(stored, dict) else None
+
+
+def _store(key: str, value, path: Optional[Path] = None) -> None:
+    path = path or CACHE_FILE
+    try:
+        stored = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    stored[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(stored))
-        tmp.replace(CACHE_FILE)
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache directory costs only the re-measuring or re-learning
+
+
+_TRUNK_BYTES: dict = {}  # per model (by id, dropped with it)
+
+
+def decode_threads(model) -> Optional[int]:
+    """The OpenBLAS thread count for decoding rounds (speculative.decode's ``threads``), or None to keep OpenBLAS's.
+
+    One thread where MLX uses OpenBLAS with more and the trunk's weights (what a plain round reads, at most) are
+    under ONE_THREAD_BYTES. Measured on the 2-core development machines, whole generations, the thread counts
+    interleaved: the demo model (23 MB of trunk) decodes ~18% faster on one thread, plain and k = 3 alike, and on
+    two its plain rounds just after drafting ones run up to 19% slow for ~20 rounds (which misled auto's plain
+    probes); the small stand-in of bench_overhead (166 MB: its 151,936-token head) decodes 1.58x faster on two,
+    the Qwen3.6-27B-shaped one ~2x. Short alternating runs do not show the difference (the machine settles into
+    each count over ~0.1 s), so this is a rule drawn from those measurements rather than a measurement of its own.
+    The prefill keeps OpenBLAS's count (7-11% faster on two threads for the demo).
+    """
+    default = blas.openblas_threads()
+    if default is None or default <= 1:
+        return None
+    if id(model) not in _TRUNK_BYTES:
+        _TRUNK_BYTES[id(model)] = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if not k.startswith("mtp."))
+        weakref.finalize(model, _TRUNK_BYTES.pop, id(model), None)
+    return 1 if _TRUNK_BYTES[id(model)] < ONE_THREAD_BYTES else None
+
+
+def measure_costs(model, max_tokens: int = 5, context: int = 64, repeats: int = 5, use_cache: bool = True) -> dict:
+    """{"verify": [cost(1), ..., cost(max_tokens)] relative to cost(1), "draft": c_draft relative to cost(1)},
+    measured with the decoding rounds' OpenBLAS threads (decode_threads)."""
+    threads = decode_threads(model)
+    key = f"{_model_key(model)}|t{threads}"
+    stored = _stored(key) if use_cache else None
+    if isinstance(stored, dict) and len(stored.get("verify", ())) >= max_tokens:
+        return stored
+    with blas.using_threads(threads):
+        cache = model.make_cache()
+        vocab = getattr(model.args, "vocab_size", 256)
+        prompt = mx.array([[i % vocab for i in range(context)]])
+        mx.eval(model(prompt, cache))
+        times = {m: [] for m in range(1, max_tokens + 1)}
+        for _ in range(repeats + 1):  # the first sweep warms up
+            for m in range(1, max_tokens + 1):
+                t0 = time.perf_counter()
+                mx.eval(model(prompt[:, :m], cache))
+                times[m].append(time.perf_counter() - t0)
+                rollback(cache, m)
+        base = _median(times[1][1:])
+        result = {"verify": [_median(times[m][1:]) / base for m in range(1, max_tokens + 1)], "draft": 0.0}
+        if model.num_mtp_modules:
+            mcache = model.make_mtp_cache()
+            hidden = mx.zeros_like(model.embed(prompt[:, :1]))
+            draft_times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                mx.eval(model.mtp_forward(0, hidden, prompt[:, :1], mcache[0]))
+                draft_times.append(time.perf_counter() - t0)
+            result["draft"] = _median(draft_times[1:]) / base
+    if use_cache:
+        _store(key, result)
     return result
 
 
@@ -111,34 +155,19 @@ def policy_file() -> Path:
 
 
 def policy_key(model, params) -> str:
-    """The model and machine (as for costs.json) and the sampling settings, which set the acceptance."""
-    return f"{_model_key(model)}|T{params.temperature}|p{params.top_p}|k{params.top_k}"
+    """The model and machine (as for costs.json), the decoding threads and the sampling settings (which set the
+    acceptance)."""
+    return f"{_model_key(model)}|t{decode_threads(model)}|T{params.temperature}|p{params.top_p}|k{params.top_k}"
 
 
 def load_learned(key: str) -> Optional[dict]:
     """What an earlier generation stored under ``key``, or None (also for a missing or unreadable file)."""
-    try:
-        learned = json.loads(policy_file().read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+    learned = _stored(key, policy_file())
     return learned if isinstance(learned, dict) else None
 
 
 def save_learned(key: str, learned: dict) -> None:
-    path = policy_file()
-    try:
-        stored = json.loads(path.read_text()) if path.exists() else {}
-        stored = stored if isinstance(stored, dict) else {}
-    except (OSError, ValueError):
-        stored = {}
-    stored[key] = learned
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stored))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache directory costs only the re-learning
+    _store(key, learned, policy_file())
 
 
 class DepthPolicy:

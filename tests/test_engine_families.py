@@ -13,6 +13,7 @@ import pytest
 
 import mlxmtp
 import tests.tiny as tiny
+from mlxmtp import tuning
 from mlxmtp.sampling import SamplingParams
 from mlxmtp.speculative import RoundStats, decode
 from tests.test_speculative import OracleDrafter, prompts, take
@@ -27,6 +28,16 @@ def family_model(request, tmp_path_factory):
     maker = importlib.import_module(f"tests.tiny.{request.param}")
     path = maker.make(tmp_path_factory.mktemp(request.param))
     return request.param, mlxmtp.load_model(path, dtype=None)
+
+
+def test_greedy_mtp_equals_plain_on_the_decoding_threads(family_model):
+    """As stream_generate decodes: the rounds on tuning.decode_threads' OpenBLAS count, the prefill on OpenBLAS's."""
+    name, model = family_model
+    threads = tuning.decode_threads(model)
+    for p in prompts(min(model.args.vocab_size, 256), n=5, seed=2):
+        plain = take(decode(model, p, GREEDY, draft_tokens=0, threads=threads), N_TOKENS)
+        for k in (1, 3):
+            assert take(decode(model, p, GREEDY, draft_tokens=k, threads=threads), N_TOKENS) == plain, (name, p, k)
 
 
 def test_greedy_mtp_equals_plain(family_model, tmp_path, monkeypatch):
