@@ -54,9 +54,8 @@ def _model_key(model) -> str:
     cfg = json.dumps(getattr(model, "config", {}), sort_keys=True, default=str)
     dtype = str(tree_flatten(model.parameters())[0][1].dtype)
     machine = f"{platform.system()}-{platform.machine()}-{mx.default_device()}-mlx{mx.__version__}"
-    from .blas import blas_in_use
-
-    return hashlib.sha256(f"{cfg}|{dtype}|{machine}|{blas_in_use()}".encode()).hexdigest()[:24]
+    blas_setup = f"{blas.blas_in_use()}|decoding threads {decode_threads(model)}"
+    return hashlib.sha256(f"{cfg}|{dtype}|{machine}|{blas_setup}".encode()).hexdigest()[:24]
 
 
 def _median(xs):
@@ -117,12 +116,11 @@ def decode_threads(model) -> Optional[int]:
 def measure_costs(model, max_tokens: int = 5, context: int = 64, repeats: int = 5, use_cache: bool = True) -> dict:
     """{"verify": [cost(1), ..., cost(max_tokens)] relative to cost(1), "draft": c_draft relative to cost(1)},
     measured with the decoding rounds' OpenBLAS threads (decode_threads)."""
-    threads = decode_threads(model)
-    key = f"{_model_key(model)}|t{threads}"
+    key = _model_key(model)
     stored = _stored(key) if use_cache else None
     if isinstance(stored, dict) and len(stored.get("verify", ())) >= max_tokens:
         return stored
-    with blas.using_threads(threads):
+    with blas.using_threads(decode_threads(model)):
         cache = model.make_cache()
         vocab = getattr(model.args, "vocab_size", 256)
         prompt = mx.array([[i % vocab for i in range(context)]])
@@ -155,9 +153,8 @@ def policy_file() -> Path:
 
 
 def policy_key(model, params) -> str:
-    """The model and machine (as for costs.json), the decoding threads and the sampling settings (which set the
-    acceptance)."""
-    return f"{_model_key(model)}|t{decode_threads(model)}|T{params.temperature}|p{params.top_p}|k{params.top_k}"
+    """The model and machine (as for costs.json) and the sampling settings, which set the acceptance."""
+    return f"{_model_key(model)}|T{params.temperature}|p{params.top_p}|k{params.top_k}"
 
 
 def load_learned(key: str) -> Optional[dict]:

@@ -11,6 +11,7 @@ from mlxmtp import blas, generation, load_tokenizer, tuning
 from mlxmtp.sampling import SamplingParams
 from mlxmtp.speculative import decode
 from tests.hf_layout import write_tokenizer
+from tests.test_speculative import take
 from tests.toy_model import ToyModel
 
 GREEDY = SamplingParams()
@@ -122,15 +123,6 @@ def test_stream_generate_decodes_on_the_chosen_count(fake_openblas, passes, tmp_
 def test_greedy_mtp_equals_plain_with_the_rounds_on_one_thread(num_mtp):
     model = ToyModel(vocab=32, num_mtp=num_mtp, seed=5)
     for p in ([1, 2, 3], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 2], list(range(3, 30))):
-        plain = []
-        for new in decode(model, p, GREEDY, draft_tokens=0, threads=1):
-            plain.extend(new)
-            if len(plain) >= 30:
-                break
+        plain = take(decode(model, p, GREEDY, draft_tokens=0, threads=1), 30)
         for k in (1, 3):
-            got = []
-            for new in decode(model, p, GREEDY, draft_tokens=k, threads=1):
-                got.extend(new)
-                if len(got) >= 30:
-                    break
-            assert got[:30] == plain[:30], (p, k)
+            assert take(decode(model, p, GREEDY, draft_tokens=k, threads=1), 30) == plain, (p, k)
